@@ -1,0 +1,149 @@
+"""Saving and loading transformers (teachers and students) in diffusers' directory layout.
+
+A student is saved the way its teacher came: ``config.json`` (the teacher's diffusers
+config plus a ``_litedge`` section describing the linear attention) next to
+``diffusion_pytorch_model.safetensors``. Directories are written to a temporary sibling
+and renamed into place, so an interrupted save never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from litedge.errors import LitedgeError
+from litedge.models.linearize import TEACHER_KINDS, LinearizeConfig, linearize_, linearize_config_of
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+LITEDGE_KEY = "_litedge"
+
+
+def model_config(model: nn.Module) -> dict:
+    """The diffusers config of a transformer, with ``_litedge`` added for a student."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    config["_class_name"] = type(model).__name__
+    lin = linearize_config_of(model)
+    if lin is not None:
+        config[LITEDGE_KEY] = lin.to_json()
+    return config
+
+
+def save_transformer(model: nn.Module, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write ``config.json`` + safetensors weights to ``out_dir`` atomically; returns the path."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise LitedgeError(f"{out} exists: pass force=True (--force) to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(model_config(model), indent=2, default=list))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place, replacing ``dst`` only once ``src`` is complete."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def read_safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Weights of a diffusers model directory: one safetensors file or an index of shards."""
+    from safetensors.torch import load_file
+
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(_inside(directory, shard))))
+        return state
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise LitedgeError(f"{directory} has no {WEIGHTS_NAME}: expected a diffusers model directory")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise LitedgeError(f"{path}: not a readable safetensors file ({exc}); re-save or re-download it") from None
+
+
+def _inside(directory: Path, relative: str) -> Path:
+    path = (directory / relative).resolve()
+    if directory.resolve() not in path.parents:
+        raise LitedgeError(f"{relative!r} in {directory} points outside the model directory: refused")
+    return path
+
+
+def build_from_config(config: dict) -> nn.Module:
+    """An untrained transformer from a saved config (a student is linearized the same way)."""
+    import diffusers
+
+    config = dict(config)
+    class_name = config.pop("_class_name", None)
+    if class_name not in TEACHER_KINDS:
+        raise LitedgeError(
+            f"config names model class {class_name!r}: expected one of {sorted(TEACHER_KINDS)}"
+        )
+    lin = config.pop(LITEDGE_KEY, None)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    model = getattr(diffusers, class_name).from_config(config)
+    if lin is not None:
+        linearize_(model, LinearizeConfig.from_json(lin))
+    return model
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with one clear line for missing, unexpected or misshapen keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} {label} ({shown})")
+    if problems:
+        raise LitedgeError(
+            f"{source}: weights do not fit the {type(model).__name__} config: {'; '.join(problems)}; "
+            "check that the config and the weights come from the same model"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def load_transformer(directory: str | os.PathLike) -> nn.Module:
+    """Load a transformer directory written by :func:`save_transformer` or by diffusers.
+
+    Returns the model in eval mode; a student comes back linearized as it was saved.
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise LitedgeError(f"{directory} has no {CONFIG_NAME}: expected a diffusers transformer directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LitedgeError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    model = build_from_config(config)
+    load_state_dict_checked(model, read_safetensors_weights(directory), str(directory))
+    return model.eval()
