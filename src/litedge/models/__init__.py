@@ -11,9 +11,10 @@ from litedge.models.configs import CONFIGS, ModelSpec, build_model, get_config
 from litedge.models.edit_attention import EDiTAttention, MMEDiTJointAttention
 from litedge.models.linear_attention import LiTAttention, linear_attention
 from litedge.models.linearize import LinearizeConfig, LinearizeReport, linearize
+from litedge.models.loading import LoadedModel, load_model
 from litedge.models.student import load_transformer, save_transformer
 
 __all__ = [
-    "CONFIGS", "EDiTAttention", "LiTAttention", "LinearizeConfig", "LinearizeReport", "MMEDiTJointAttention",
-    "ModelSpec", "build_model", "get_config", "linear_attention", "linearize", "load_transformer", "save_transformer",
+    "CONFIGS", "EDiTAttention", "LiTAttention", "LinearizeConfig", "LinearizeReport", "LoadedModel", "MMEDiTJointAttention",
+    "ModelSpec", "build_model", "get_config", "linear_attention", "linearize", "load_model", "load_transformer", "save_transformer",
 ]
