@@ -1,6 +1,6 @@
 """Cost is linear in the token count for every linear variant, quadratic for softmax.
 
-Ratios are measured side by side in one run (interleaved, min over repeats) at a fixed
+Ratios are measured side by side in one run (back to back, median over repeats) at a fixed
 width; the thresholds are far from the expected values (4x for linear, 16x for softmax)
 so a loaded machine does not flip the verdict.
 """
@@ -18,20 +18,20 @@ from tests.models.test_attention import _sd3_joint_attention
 WIDTH, HEADS, SMALL, LARGE = 64, 4, (64, 64), (128, 128)  # 4x the tokens
 
 
-def _seconds(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def _ratio(make_call) -> float:
+def _ratio(make_call, repeats: int = 7) -> float:
+    """Median over repeats of time(large) / time(small), the two measured back to back so
+    that a change in machine load affects both sides of each ratio alike."""
     small, large = make_call(SMALL), make_call(LARGE)
     with torch.no_grad():
-        return _seconds(large) / _seconds(small)
+        small(), large()  # warm-up
+        ratios = sorted(_once(large) / _once(small) for _ in range(repeats))
+    return ratios[len(ratios) // 2]
 
 
 def _call(module, grid, kind):

@@ -1,0 +1,356 @@
+"""What each exported component looks like from outside: names, dtypes, symbolic shapes.
+
+One place per model kind (STYLE habit 6), shared by every export backend: a wrapper
+``nn.Module`` with a fixed positional signature and a plain-tensor output, the
+input/output specs written to the bundle manifest, and random sample inputs of any size.
+
+Symbolic dimension names: ``batch``; ``height``/``width`` of the latent; ``image_height``/
+``image_width`` of the decoded image (``vae_scale_factor`` x the latent's); ``text_length``.
+
+Transformers (students are the same classes with a different self-attention):
+
+=============  ==============================================================================
+pixart         sample (B,C,h,w) f32, timestep (B,) f32, encoder_hidden_states (B,L,D) f32,
+               encoder_attention_mask (B,L) i64 (1 keep, 0 pad) -> noise_pred (B,C_out,h,w) f32
+dit            sample, timestep, class_labels (B,) i64 -> noise_pred
+sd3            sample, timestep, encoder_hidden_states (B,L,D), pooled_projections (B,P)
+               -> noise_pred
+=============  ==============================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from litedge.errors import LitedgeError
+from litedge.export.rewrites import Rank4Unpatchify, run_until
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, shape (int fixed, str symbolic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def manifest(self) -> dict:
+        """The manifest's form: ``{"dtype": "float32", "shape": ["batch", 4, "height", "width"]}``."""
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Inputs and outputs of one exported component, in the wrapper's positional order."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs) if t.dynamic_axes()}
+
+    def manifest_inputs(self) -> dict[str, dict]:
+        return {t.name: t.manifest() for t in self.inputs}
+
+    def manifest_outputs(self) -> dict[str, dict]:
+        return {t.name: t.manifest() for t in self.outputs}
+
+
+@dataclass(frozen=True)
+class SampleSize:
+    """Concrete sizes for the symbolic dimensions, to make sample inputs."""
+
+    batch: int
+    height: int  # latent
+    width: int  # latent
+    text_length: int = 8
+
+
+def _float(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen)
+
+
+def _mask(batch: int, length: int) -> torch.Tensor:
+    """(B, L) int64 padding mask: row 0 all kept, later rows keep a shorter prefix."""
+    keep = [max(1, length - (i * length) // (batch + 1)) for i in range(batch)]
+    return (torch.arange(length)[None, :] < torch.tensor(keep)[:, None]).long()  # (B, L)
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+class TransformerWrapper(nn.Module):
+    """``(sample, timestep, *conditioning) -> noise_pred`` around a diffusers transformer.
+
+    Runs the model up to its final linear layer (:func:`run_until`) and finishes with the
+    rank-4 unpatchify (:class:`Rank4Unpatchify`), so the graph has no rank-6 tensor.
+    Subclasses name the final layer, the conditioning inputs and how they map to the
+    model's keyword arguments.
+    """
+
+    kind: ClassVar[str]
+    proj_out_name: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.patch_size = int(model.config.patch_size)
+        # Named like the layer it replaces, so ONNX node names read "/proj_out/MatMul".
+        self.proj_out = Rank4Unpatchify(getattr(model, self.proj_out_name), self.patch_size, model.out_channels)
+
+    def model_kwargs(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must map its inputs to the model's keyword arguments")
+
+    def conditioning_specs(self) -> tuple[TensorSpec, ...]:
+        raise NotImplementedError(f"{type(self).__name__} must describe its conditioning inputs")
+
+    def conditioning_samples(self, size: SampleSize, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError(f"{type(self).__name__} must make sample conditioning inputs")
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latent, (B,) timesteps, conditioning -> (B, C_out, h, w) model output."""
+        tokens = run_until(self.model, getattr(self.model, self.proj_out_name), **self.model_kwargs(sample, timestep, *cond))
+        p = self.patch_size
+        return self.proj_out(tokens, sample.shape[-2] // p, sample.shape[-1] // p)
+
+    def spec(self) -> ComponentSpec:
+        cfg = self.model.config
+        latent = ("batch", int(cfg.in_channels), "height", "width")
+        inputs = (
+            TensorSpec("sample", "float32", latent),
+            TensorSpec("timestep", "float32", ("batch",)),
+            *self.conditioning_specs(),
+        )
+        out = ("batch", int(self.model.out_channels), "height", "width")
+        return ComponentSpec(inputs, (TensorSpec("noise_pred", "float32", out),))
+
+    def sample_inputs(self, size: SampleSize, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random inputs: N(0,1) latent, timesteps in [0, 1000), kind-specific conditioning."""
+        gen = torch.Generator().manual_seed(seed)
+        sample = _float((size.batch, int(self.model.config.in_channels), size.height, size.width), gen)
+        timestep = torch.rand(size.batch, generator=gen) * 999.0
+        return (sample, timestep, *self.conditioning_samples(size, gen))
+
+    def metadata(self) -> dict:
+        """Facts the runtime needs that the shapes do not say."""
+        return {"kind": self.kind, "patch_size": self.patch_size, "latent_multiple": self.patch_size}
+
+
+class PixArtWrapper(TransformerWrapper):
+    kind = "pixart"
+    proj_out_name = "proj_out"
+
+    def __init__(self, model: nn.Module) -> None:
+        if model.use_additional_conditions:
+            raise LitedgeError(
+                "PixArt with use_additional_conditions=True (PixArt-alpha 1024) is not exportable yet: "
+                "expected a PixArt-Sigma style config with use_additional_conditions=False"
+            )
+        super().__init__(model)
+
+    def model_kwargs(self, sample, timestep, encoder_hidden_states, encoder_attention_mask) -> dict:
+        return dict(
+            hidden_states=sample,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )
+
+    def conditioning_specs(self) -> tuple[TensorSpec, ...]:
+        d = int(self.model.config.caption_channels)
+        return (
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "text_length", d)),
+            TensorSpec("encoder_attention_mask", "int64", ("batch", "text_length")),
+        )
+
+    def conditioning_samples(self, size, gen):
+        d = int(self.model.config.caption_channels)
+        return _float((size.batch, size.text_length, d), gen), _mask(size.batch, size.text_length)
+
+
+class DiTWrapper(TransformerWrapper):
+    kind = "dit"
+    proj_out_name = "proj_out_2"
+
+    def model_kwargs(self, sample, timestep, class_labels) -> dict:
+        return dict(hidden_states=sample, timestep=timestep, class_labels=class_labels, return_dict=False)
+
+    def conditioning_specs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("class_labels", "int64", ("batch",)),)
+
+    def conditioning_samples(self, size, gen):
+        classes = int(self.model.config.num_embeds_ada_norm)
+        return (torch.randint(0, classes, (size.batch,), generator=gen),)
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "num_classes": int(self.model.config.num_embeds_ada_norm)}
+
+
+class SD3Wrapper(TransformerWrapper):
+    kind = "sd3"
+    proj_out_name = "proj_out"
+
+    def model_kwargs(self, sample, timestep, encoder_hidden_states, pooled_projections) -> dict:
+        return dict(
+            hidden_states=sample,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            return_dict=False,
+        )
+
+    def conditioning_specs(self) -> tuple[TensorSpec, ...]:
+        cfg = self.model.config
+        return (
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "text_length", int(cfg.joint_attention_dim))),
+            TensorSpec("pooled_projections", "float32", ("batch", int(cfg.pooled_projection_dim))),
+        )
+
+    def conditioning_samples(self, size, gen):
+        cfg = self.model.config
+        return (
+            _float((size.batch, size.text_length, int(cfg.joint_attention_dim)), gen),
+            _float((size.batch, int(cfg.pooled_projection_dim)), gen),
+        )
+
+    def metadata(self) -> dict:
+        # The cropped position table bounds the latent: larger inputs fail at run time.
+        largest = int(self.model.config.pos_embed_max_size) * self.patch_size
+        return {**super().metadata(), "max_height": largest, "max_width": largest}
+
+
+TRANSFORMER_WRAPPERS: dict[str, type[TransformerWrapper]] = {
+    "PixArtTransformer2DModel": PixArtWrapper,
+    "DiTTransformer2DModel": DiTWrapper,
+    "SD3Transformer2DModel": SD3Wrapper,
+}
+
+
+def transformer_wrapper(model: nn.Module) -> TransformerWrapper:
+    """The wrapper for a diffusers transformer (teacher or student), chosen by its class."""
+    name = type(model).__name__
+    if name not in TRANSFORMER_WRAPPERS:
+        raise LitedgeError(f"cannot export a {name} as a transformer: expected one of {sorted(TRANSFORMER_WRAPPERS)}")
+    return TRANSFORMER_WRAPPERS[name](model)
+
+
+# ----------------------------------------------------------------------------- VAE decoder
+
+
+class VaeDecoderWrapper(nn.Module):
+    """``latent -> image``: undoes the latent scaling in-graph, decodes, clamps to [-1, 1].
+
+    The graph takes the latent exactly as the denoising loop ends with it (scaled space) and
+    applies ``z = latent / scaling_factor + shift_factor`` (or, for VAEs with per-channel
+    ``latents_mean``/``latents_std``, ``z = latent * std / scaling_factor + mean``) inside,
+    like diffusers' pipelines do before ``vae.decode``. Tiling and slicing are bypassed.
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        from diffusers import AutoencoderKL
+
+        if not isinstance(vae, AutoencoderKL):
+            raise LitedgeError(f"cannot export a {type(vae).__name__} as a VAE decoder: expected a diffusers AutoencoderKL")
+        super().__init__()
+        self.vae = vae
+        cfg = vae.config
+        channels = int(cfg.latent_channels)
+        scaling = float(cfg.scaling_factor)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).reshape(1, channels, 1, 1)
+            scale = torch.tensor(cfg.latents_std, dtype=torch.float32).reshape(1, channels, 1, 1) / scaling
+        else:
+            shift = float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0
+            mean = torch.full((1, channels, 1, 1), shift)
+            scale = torch.full((1, channels, 1, 1), 1.0 / scaling)
+        self.register_buffer("latent_scale", scale)  # (1, C, 1, 1)
+        self.register_buffer("latent_shift", mean)  # (1, C, 1, 1)
+        self.scale_factor = 2 ** (len(cfg.block_out_channels) - 1)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) scaled latent -> (B, 3, h * f, w * f) image in [-1, 1], f = vae_scale_factor."""
+        z = latent * self.latent_scale + self.latent_shift
+        if self.vae.post_quant_conv is not None:
+            z = self.vae.post_quant_conv(z)
+        return self.vae.decoder(z).clamp(-1.0, 1.0)
+
+    def spec(self) -> ComponentSpec:
+        cfg = self.vae.config
+        latent = TensorSpec("latent", "float32", ("batch", int(cfg.latent_channels), "height", "width"))
+        image = TensorSpec("image", "float32", ("batch", int(cfg.out_channels), "image_height", "image_width"))
+        return ComponentSpec((latent,), (image,))
+
+    def sample_inputs(self, size: SampleSize, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """A N(0,1) latent: the scale of what a denoising loop ends with."""
+        gen = torch.Generator().manual_seed(seed)
+        return (_float((size.batch, int(self.vae.config.latent_channels), size.height, size.width), gen),)
+
+    def metadata(self) -> dict:
+        cfg = self.vae.config
+        return {
+            "latent_scaling": "in-graph",  # feed the loop's final latent as is
+            "scaling_factor": float(cfg.scaling_factor),
+            "shift_factor": float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0,
+            "per_channel_latents_stats": getattr(cfg, "latents_mean", None) is not None,
+            "vae_scale_factor": self.scale_factor,
+            "output_range": [-1.0, 1.0],  # image = clamp(decode(z), -1, 1); pixels = (image + 1) * 127.5
+        }
+
+
+# ----------------------------------------------------------------------------- text encoder
+
+
+class TextEncoderWrapper(nn.Module):
+    """``(input_ids, attention_mask) -> last_hidden_state`` around a transformers T5 encoder."""
+
+    supported: ClassVar[tuple[str, ...]] = ("T5EncoderModel", "UMT5EncoderModel")
+
+    def __init__(self, encoder: nn.Module) -> None:
+        if type(encoder).__name__ not in self.supported:
+            raise LitedgeError(
+                f"cannot export a {type(encoder).__name__} as a text encoder: expected one of {list(self.supported)}"
+            )
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) int64 token ids, (B, L) int64 mask (1 keep) -> (B, L, D) float32."""
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
+    def spec(self) -> ComponentSpec:
+        d = int(self.encoder.config.d_model)
+        return ComponentSpec(
+            (
+                TensorSpec("input_ids", "int64", ("batch", "text_length")),
+                TensorSpec("attention_mask", "int64", ("batch", "text_length")),
+            ),
+            (TensorSpec("last_hidden_state", "float32", ("batch", "text_length", d)),),
+        )
+
+    def sample_inputs(self, size: SampleSize, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random token ids in the vocabulary and a padding mask."""
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, int(self.encoder.config.vocab_size), (size.batch, size.text_length), generator=gen)
+        return ids, _mask(size.batch, size.text_length)
+
+    def metadata(self) -> dict:
+        return {"kind": type(self.encoder).__name__, "hidden_size": int(self.encoder.config.d_model)}
