@@ -1,0 +1,66 @@
+"""lit-export: turn a LiT / EDiT / MM-EDiT checkpoint (or its teacher) into a device bundle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from litedge.cli import run_command
+from litedge.errors import LitedgeError
+from litedge.export.targets import TARGETS
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated pixel sizes like 512,1024, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lit-export",
+        description="Export a diffusion transformer (a diffusers pipeline directory, a litedge student, "
+        "a .safetensors or an original PixArt/DiT/LiT .pth) to a NAME.litedge bundle that lit-generate "
+        "runs offline. The bundle is written to a temporary folder and moved into place when complete.",
+        epilog="example: lit-export ./lit-student --target cpu --weights int4 -o lit.litedge",
+    )
+    parser.add_argument("source", nargs="?", type=Path, help="model to export (omit with --config/--random-weights)")
+    parser.add_argument("--config", dest="config_name", help="a named config (e.g. LiT-T2I-XL, tiny-LiT-T2I-XL) ...")
+    parser.add_argument("--random-weights", action="store_true", help="... exported with random weights, for latency profiling")
+    parser.add_argument("--target", default="cpu", help=f"device kind: {', '.join(TARGETS)} (default cpu)")
+    parser.add_argument("--weights", choices=("fp", "int4", "int8"), help="weight format (default: the target's, int4 on cpu)")
+    parser.add_argument("--keep-fp", action="append", default=[], metavar="LAYER",
+                        help="keep a layer (name or glob, e.g. 'proj_out') in full precision; repeatable")
+    parser.add_argument("--sizes", type=_sizes, default=(), help="image sizes in px for static-shape targets, e.g. 512,1024")
+    parser.add_argument("--text-max-length", type=int, help="prompt tokens (default: the base model's, 300 for PixArt-Sigma)")
+    parser.add_argument("-o", "--output", dest="out", type=Path, required=True, help="bundle directory to write (NAME.litedge)")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from litedge.export.bundle_export import ExportConfig, export_bundle
+
+        if args.random_weights != (args.config_name is not None):
+            raise LitedgeError("--config NAME and --random-weights go together (export an architecture untrained)")
+        if (args.source is None) == (args.config_name is None):
+            raise LitedgeError("give either a SOURCE or --config NAME --random-weights, not both or neither")
+        cfg = ExportConfig(
+            out=args.out, source=args.source, config_name=args.config_name, target=args.target, weights=args.weights,
+            sizes=args.sizes, keep_fp=tuple(args.keep_fp), force=args.force, text_max_length=args.text_max_length,
+        )
+        report = export_bundle(cfg)
+        for name, fid in report.fidelity.items():
+            print(f"{name}: max_abs_err {fid.get('max_abs_err', float('nan')):.3g}, rel_err {fid.get('rel_err', float('nan')):.3g} vs {fid.get('vs', '?')}")
+        print(report.path)
+        return 0
+
+    return run_command("lit-export", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
