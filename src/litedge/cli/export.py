@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-fp", action="append", default=[], metavar="LAYER",
                         help="keep a layer (name or glob, e.g. 'proj_out') in full precision; repeatable")
     parser.add_argument("--sizes", type=_sizes, default=(), help="image sizes in px for static-shape targets, e.g. 512,1024")
+    parser.add_argument("--soc", help="snapdragon: SoC to compile for, e.g. sm8650 or sm8750")
+    parser.add_argument("--hub", dest="hub_device", metavar="DEVICE",
+                        help="snapdragon: also compile and profile on this Qualcomm AI Hub device (needs a qai-hub token)")
     parser.add_argument("--text-max-length", type=int, help="prompt tokens (default: the base model's, 300 for PixArt-Sigma)")
     parser.add_argument("-o", "--output", dest="out", type=Path, required=True, help="bundle directory to write (NAME.litedge)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             raise LitedgeError("give either a SOURCE or --config NAME --random-weights, not both or neither")
         cfg = ExportConfig(
             out=args.out, source=args.source, config_name=args.config_name, target=args.target, weights=args.weights,
-            sizes=args.sizes, keep_fp=tuple(args.keep_fp), force=args.force, text_max_length=args.text_max_length,
+            sizes=args.sizes, keep_fp=tuple(args.keep_fp), soc=args.soc, hub_device=args.hub_device, force=args.force,
+            text_max_length=args.text_max_length,
         )
         report = export_bundle(cfg)
         for name, fid in report.fidelity.items():

@@ -1,26 +1,24 @@
 """export_bundle(): a model source -> a ``NAME.litedge`` bundle for one target.
 
 The steps are always the same: load the model (or build a named architecture with random
-weights), export each component with its parity check, quantize weights, copy the
-tokenizer and scheduler config, and let :class:`litedge.bundle.BundleWriter` hash every
-file, write the manifest last and move the finished bundle into place.
+weights), hand each component to the target's backend (export, parity check, weights),
+copy the tokenizer and scheduler config, and let :class:`litedge.bundle.BundleWriter`
+hash every file, write the manifest last and move the finished bundle into place.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from litedge import __version__
 from litedge.bundle import BundleWriter
 from litedge.errors import LitedgeError
-from litedge.export.targets import TargetProfile, get_target
+from litedge.export.backend import BackendOptions, ExportReport, load_backend, stage
+from litedge.export.targets import get_target
 
-# Defaults of the base pipelines (diffusers' PixArtSigmaPipeline / StableDiffusion3Pipeline).
+# Defaults of the base pipelines (diffusers' PixArtSigmaPipeline / StableDiffusion3Pipeline / DiTPipeline).
 BASE_DEFAULTS = {
     "pixart": {"base": "pixart-sigma", "task": "text-to-image", "steps": 20, "guidance_scale": 4.5, "text_max_length": 300},
     "sd3": {"base": "sd3.5", "task": "text-to-image", "steps": 28, "guidance_scale": 7.0, "text_max_length": 256},
@@ -40,7 +38,10 @@ class ExportConfig:
         weights: "fp", "int4" or "int8"; None takes the target's default.
         sizes: image sizes in pixels for static-shape targets (square buckets).
         keep_fp: layer-name patterns kept in full precision by explicit choice.
+        soc: Snapdragon SoC (e.g. "sm8650") for the snapdragon target.
+        hub_device: also compile + profile on this Qualcomm AI Hub device.
         force: replace an existing bundle at ``out``.
+        text_max_length: prompt tokens; None takes the base model's.
     """
 
     out: Path
@@ -50,30 +51,10 @@ class ExportConfig:
     weights: str | None = None
     sizes: tuple[int, ...] = ()
     keep_fp: tuple[str, ...] = ()
+    soc: str | None = None
+    hub_device: str | None = None
     force: bool = False
     text_max_length: int | None = None
-
-
-@dataclass
-class ExportReport:
-    """What was written: the bundle path, per-component fidelity and quantization figures."""
-
-    path: Path
-    fidelity: dict = field(default_factory=dict)
-    quantization: dict = field(default_factory=dict)
-
-
-def _stage(message: str) -> None:
-    print(f"lit-export: {message}", file=sys.stderr, flush=True)
-
-
-def _check_sizes(sizes: tuple[int, ...], multiple: int) -> None:
-    bad = [s for s in sizes if s <= 0 or s % multiple]
-    if bad:
-        raise LitedgeError(
-            f"--sizes {','.join(map(str, bad))}: image sizes must be positive multiples of {multiple} "
-            "(VAE factor x patch size)"
-        )
 
 
 def _load(cfg: ExportConfig):
@@ -91,86 +72,36 @@ def _load(cfg: ExportConfig):
 
 
 def _pipeline_part(loaded, name: str) -> Path | None:
-    if loaded.pipeline_dir is None:
-        return None
-    part = loaded.pipeline_dir / name
-    return part if part.is_dir() else None
+    part = loaded.pipeline_dir / name if loaded.pipeline_dir is not None else None
+    return part if part is not None and part.is_dir() else None
 
 
-def _export_transformer(loaded, writer: BundleWriter, target: TargetProfile, weights: str, cfg: ExportConfig,
-                        report: ExportReport) -> None:
-    from litedge.export.onnx_export import export_transformer
-
-    model = loaded.transformer
-    _stage(f"transformer ({type(model).__name__}, {loaded.family}): export to ONNX, parity check")
-    # An int4 export quantizes an fp32 intermediate; external data keeps the name it was written with.
-    fp_path = writer.path / ("transformer.fp32.onnx" if weights == "int4" else "transformer.onnx")
-    result = export_transformer(model, fp_path, opset=target.opset)
-    report.fidelity["transformer"] = {**result.fidelity, "vs": "torch-fp32"}
-    files = result.files
-    quant_meta = {}
-    if weights == "int4":
-        _stage("transformer: 4-bit weights (MatMulNBits, block 32, symmetric)")
-        from litedge.export.onnx_io import model_files
-        from litedge.quantize.int4 import quantize_int4
-
-        quant = quantize_int4(fp_path, writer.path / "transformer.onnx", exclude=cfg.keep_fp,
-                              check_inputs=result.sample_inputs)
-        quant_meta = {
-            "block_size": quant.block_size, "symmetric": quant.symmetric, "quantized": len(quant.quantized),
-            "left_fp32": quant.left_fp32, "size_before": quant.size_before, "size_after": quant.size_after,
-        }
-        report.quantization["transformer"] = quant_meta
-        report.fidelity["transformer_int4"] = quant.fidelity or {}
-        _stage(f"transformer: {quant.summary()}")
-        for path in files:
-            path.unlink()
-        files = model_files(quant.path)
-    main = files[0]
-    writer.add_component(
-        "transformer", main.name, inputs=result.inputs, outputs=result.outputs, shapes="dynamic",
-        extra_files=[p.name for p in files[1:]],
-        meta={"weights": weights, **result.metadata, **({"quantization": quant_meta} if quant_meta else {})},
-    )
-
-
-def _export_vae(loaded, writer: BundleWriter, target: TargetProfile, report: ExportReport) -> dict | None:
-    from diffusers import AutoencoderKL
-
-    from litedge.export.onnx_export import export_vae_decoder
-
+def _load_vae(loaded):
     vae_dir = _pipeline_part(loaded, "vae")
     if vae_dir is None:
-        _stage("no vae/ in the source: the bundle will hold the transformer only (enough for lit-profile)")
+        stage("no vae/ in the source: the bundle holds the transformer only (enough for lit-profile)")
         return None
-    _stage("vae_decoder: export to ONNX, parity check")
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
-    result = export_vae_decoder(vae, writer.path / "vae_decoder.onnx", opset=target.opset)
-    report.fidelity["vae_decoder"] = {**result.fidelity, "vs": "torch-fp32"}
-    writer.add_component("vae_decoder", result.path.name, inputs=result.inputs, outputs=result.outputs,
-                         shapes="dynamic", extra_files=[p.name for p in result.files[1:]], meta=result.metadata)
-    return dict(vae.config)
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
 
 
-def _export_text(loaded, writer: BundleWriter, target: TargetProfile, report: ExportReport) -> dict | None:
-    encoder_dir, tokenizer_dir = _pipeline_part(loaded, "text_encoder"), _pipeline_part(loaded, "tokenizer")
+def _load_text_encoder(loaded):
     if loaded.kind != "pixart":
-        return None
+        return None  # DiT is class-conditional; SD3's three encoders are not exported yet
+    encoder_dir, tokenizer_dir = _pipeline_part(loaded, "text_encoder"), _pipeline_part(loaded, "tokenizer")
     if encoder_dir is None or tokenizer_dir is None:
-        _stage("no text_encoder/ + tokenizer/ in the source: the bundle will have no text encoder")
+        stage("no text_encoder/ + tokenizer/ in the source: the bundle has no text encoder")
         return None
     from transformers import T5EncoderModel
 
-    from litedge.export.onnx_export import export_text_encoder
+    return T5EncoderModel.from_pretrained(encoder_dir, use_safetensors=True).eval()
 
-    _stage("text_encoder (T5): export to ONNX, parity check")
-    encoder = T5EncoderModel.from_pretrained(encoder_dir, use_safetensors=True).eval()
-    result = export_text_encoder(encoder, writer.path / "text_encoder.onnx", opset=target.opset)
-    report.fidelity["text_encoder"] = {**result.fidelity, "vs": "torch-fp32"}
-    writer.add_component("text_encoder", result.path.name, inputs=result.inputs, outputs=result.outputs,
-                         shapes="dynamic", extra_files=[p.name for p in result.files[1:]], meta=result.metadata)
-    shutil.copytree(tokenizer_dir, writer.path / "tokenizer")
-    kind = "tokenizers" if (tokenizer_dir / "tokenizer.json").is_file() else "sentencepiece"
+
+def _copy_tokenizer(loaded, writer: BundleWriter) -> dict:
+    source = _pipeline_part(loaded, "tokenizer")
+    shutil.copytree(source, writer.path / "tokenizer")
+    kind = "tokenizers" if (source / "tokenizer.json").is_file() else "sentencepiece"
     return {"kind": kind, "path": "tokenizer"}
 
 
@@ -186,29 +117,26 @@ def _scheduler(loaded) -> dict:
     return {"type": config.get("_class_name", "DPMSolverMultistepScheduler"), "config": config}
 
 
-def _model_section(loaded, vae_config: dict | None, text_max_length: int) -> dict:
+def _model_section(loaded, vae, text_max_length: int) -> dict:
     cfg = loaded.transformer.config
     base = BASE_DEFAULTS[loaded.kind]
     latent = int(cfg.in_channels)
     section = {
         "family": loaded.family, "task": base["task"], "base": base["base"],
-        "latent_channels": latent, "patch_size": int(cfg.patch_size),
-        "sample_size": int(cfg.sample_size),
+        "latent_channels": latent, "patch_size": int(cfg.patch_size), "sample_size": int(cfg.sample_size),
         "prediction_type": "flow" if loaded.kind == "sd3" else "epsilon",
         "learned_sigma": int(cfg.out_channels or latent) == 2 * latent,
         "text_max_length": text_max_length,
+        "vae_scale_factor": 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1),
     }
-    if vae_config is not None:
-        section["vae_scale_factor"] = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        section["vae_scaling_factor"] = float(vae_config["scaling_factor"])
-    else:
-        section["vae_scale_factor"] = 8
+    if vae is not None:
+        section["vae_scaling_factor"] = float(vae.config.scaling_factor)
     if loaded.kind == "dit":
         section["num_classes"] = int(cfg.num_embeds_ada_norm)
     return section
 
 
-def export_bundle(cfg: ExportConfig, *, on_stage: Callable[[str], None] | None = None) -> ExportReport:
+def export_bundle(cfg: ExportConfig) -> ExportReport:
     """Export a model to a bundle for ``cfg.target``; returns the report (also in the manifest).
 
     Raises:
@@ -217,29 +145,40 @@ def export_bundle(cfg: ExportConfig, *, on_stage: Callable[[str], None] | None =
             Nothing is left at ``cfg.out`` then.
     """
     target = get_target(cfg.target)
-    weights = target.check_weights(cfg.weights)
-    if target.name != "cpu":
-        raise LitedgeError(f"target {target.name} is not implemented yet in litedge {__version__}: use --target cpu")
+    options = BackendOptions(weights=target.check_weights(cfg.weights), sizes=cfg.sizes, keep_fp=cfg.keep_fp,
+                             soc=cfg.soc, hub_device=cfg.hub_device)
+    report = ExportReport(path=Path(cfg.out))
+    backend = load_backend(target, options, report)
     writer = BundleWriter(cfg.out, force=cfg.force)
     loaded = _load(cfg)
-    _check_sizes(cfg.sizes, 8 * int(loaded.transformer.config.patch_size))
-    report = ExportReport(path=Path(cfg.out))
+    multiple = 8 * int(loaded.transformer.config.patch_size)
+    bad = [s for s in cfg.sizes if s <= 0 or s % multiple]
+    if bad:
+        raise LitedgeError(f"--sizes {','.join(map(str, bad))}: image sizes must be positive multiples of {multiple} "
+                           "(VAE factor 8 x patch size)")
     base = BASE_DEFAULTS[loaded.kind]
     with writer:
-        _export_transformer(loaded, writer, target, weights, cfg, report)
-        vae_config = _export_vae(loaded, writer, target, report)
-        tokenizer = _export_text(loaded, writer, target, report)
-        text_max_length = cfg.text_max_length or base["text_max_length"]
-        size = (cfg.sizes[0] if cfg.sizes else int(loaded.transformer.config.sample_size) * 8)
+        backend.transformer(loaded.transformer, writer)
+        vae = _load_vae(loaded)
+        if vae is not None:
+            backend.vae_decoder(vae, writer)
+        encoder = _load_text_encoder(loaded)
+        tokenizer = None
+        if encoder is not None:
+            backend.text_encoder(encoder, writer)
+            tokenizer = _copy_tokenizer(loaded, writer)
+        backend.finish(writer)
+        size = cfg.sizes[0] if cfg.sizes else int(loaded.transformer.config.sample_size) * 8
         writer.set(
-            model=_model_section(loaded, vae_config, text_max_length),
+            model=_model_section(loaded, vae, cfg.text_max_length or base["text_max_length"]),
             target={"name": target.name, "format": target.format, "providers": list(target.providers),
-                    "precision": target.precision, "weights": "int4-block32" if weights == "int4" else weights},
+                    "precision": target.precision,
+                    "weights": "int4-block32" if options.weights == "int4" else options.weights},
             tokenizer=tokenizer,
             scheduler=_scheduler(loaded),
             defaults={"steps": base["steps"], "guidance_scale": base["guidance_scale"], "height": size, "width": size},
             fidelity=report.fidelity,
         )
-        _stage("writing manifest")
-    _stage(f"wrote {cfg.out}")
+        stage("writing manifest")
+    stage(f"wrote {cfg.out}")
     return report

@@ -26,6 +26,7 @@ class TargetProfile:
         precision: activation precision of the exported graphs.
         weights: accepted ``--weights`` values, the first being the default.
         providers: ONNX Runtime execution providers the runtime asks for, in order.
+        backend: ``module:Class`` of its :class:`litedge.export.backend.Backend`.
         opset: ONNX opset of the legacy exporter for this target.
     """
 
@@ -35,6 +36,7 @@ class TargetProfile:
     precision: Literal["fp32", "fp16", "a16"]
     weights: tuple[Weights, ...]
     providers: tuple[str, ...]
+    backend: str
     opset: int = 17
 
     def check_weights(self, weights: str | None) -> Weights:
@@ -48,14 +50,20 @@ class TargetProfile:
         return weights  # type: ignore[return-value]
 
 
+_EXPORT = "litedge.export"
 TARGETS: dict[str, TargetProfile] = {
     p.name: p
     for p in (
-        TargetProfile("cpu", "onnx", "dynamic", "fp32", ("int4", "fp"), ("CPUExecutionProvider",)),
-        TargetProfile("cuda", "onnx", "dynamic", "fp16", ("int4", "fp"), ("CUDAExecutionProvider", "CPUExecutionProvider")),
-        TargetProfile("directml", "onnx", "static", "fp16", ("int4", "fp"), ("DmlExecutionProvider", "CPUExecutionProvider")),
-        TargetProfile("snapdragon", "qnn", "static", "a16", ("int4", "int8"), ("QNNExecutionProvider",)),
-        TargetProfile("coreml", "coreml", "static", "fp16", ("int4", "fp"), ()),
+        TargetProfile("cpu", "onnx", "dynamic", "fp32", ("int4", "fp"), ("CPUExecutionProvider",),
+                      f"{_EXPORT}.onnx_backend:OnnxBackend"),
+        TargetProfile("cuda", "onnx", "dynamic", "fp16", ("int4", "fp"), ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                      f"{_EXPORT}.fp16_backend:CudaBackend"),
+        TargetProfile("directml", "onnx", "static", "fp16", ("int4", "fp"), ("DmlExecutionProvider", "CPUExecutionProvider"),
+                      f"{_EXPORT}.fp16_backend:DirectMLBackend"),
+        TargetProfile("snapdragon", "qnn", "static", "a16", ("int4", "int8"), ("QNNExecutionProvider",),
+                      f"{_EXPORT}.qnn_backend:QnnBackend"),
+        TargetProfile("coreml", "coreml", "static", "fp16", ("int4", "fp"), (),
+                      f"{_EXPORT}.coreml_backend:CoreMLBackend"),
     )
 }
 
