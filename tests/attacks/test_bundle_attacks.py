@@ -7,7 +7,6 @@ ambiguous JSON, type confusion in the manifest.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """lit-export end to end on tiny models: bundles that load, match PyTorch, and bad input."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """load_model(): one entry point for diffusers directories, safetensors and original .pth files."""
 
-import os
 import pickle
 
 import pytest

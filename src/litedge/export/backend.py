@@ -45,6 +45,7 @@ class BackendOptions:
     keep_fp: tuple[str, ...] = ()  # layer patterns kept in full precision
     soc: str | None = None  # snapdragon SoC, e.g. "sm8650"
     hub_device: str | None = None  # Qualcomm AI Hub device name
+    text_max_length: int | None = None  # prompt tokens of static-shape text graphs (None: the base model's)
 
 
 class Backend(abc.ABC):

@@ -9,6 +9,7 @@ hash every file, write the manifest last and move the finished bundle into place
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,8 @@ def _scheduler(loaded) -> dict:
     else:  # PixArt-Sigma's and DiT's training schedule, sampled with DPM-Solver++ 2M
         config = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
                   "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon", "solver_order": 2}
+    # diffusers writes "no clipping" as -Infinity, which JSON (and the manifest) cannot hold: absent means the same.
+    config = {k: v for k, v in config.items() if not (isinstance(v, float) and not math.isfinite(v))}
     return {"type": config.get("_class_name", "DPMSolverMultistepScheduler"), "config": config}
 
 
@@ -146,7 +149,7 @@ def export_bundle(cfg: ExportConfig) -> ExportReport:
     """
     target = get_target(cfg.target)
     options = BackendOptions(weights=target.check_weights(cfg.weights), sizes=cfg.sizes, keep_fp=cfg.keep_fp,
-                             soc=cfg.soc, hub_device=cfg.hub_device)
+                             soc=cfg.soc, hub_device=cfg.hub_device, text_max_length=cfg.text_max_length)
     report = ExportReport(path=Path(cfg.out))
     backend = load_backend(target, options, report)
     writer = BundleWriter(cfg.out, force=cfg.force)
