@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         report = export_bundle(cfg)
         for name, fid in report.fidelity.items():
-            print(f"{name}: max_abs_err {fid.get('max_abs_err', float('nan')):.3g}, rel_err {fid.get('rel_err', float('nan')):.3g} vs {fid.get('vs', '?')}")
+            if "skipped" in fid:
+                print(f"{name}: fidelity check skipped: {fid['skipped']}")
+            elif "rel_err" in fid:
+                print(f"{name}: max_abs_err {fid.get('max_abs_err', float('nan')):.3g}, rel_err {fid['rel_err']:.3g} "
+                      f"vs {fid.get('vs', '?')}")
         print(report.path)
         return 0
 
