@@ -1,0 +1,104 @@
+"""Calibration data for static activation quantization: what the transformer sees while denoising.
+
+Activation ranges taken from random N(0, 1) latents and uniform timesteps miss what a real
+loop feeds: latents that grow structured as t falls, and timesteps on the schedule's grid.
+:func:`denoising_calibration` runs the PyTorch model itself through a short sampling loop
+from random noise (DPM-Solver++ for epsilon models, Euler for flow models, with classifier-
+free guidance on a batch of 2: conditional + unconditional) and records the inputs of every
+step. Without a text encoder the conditioning is random (text embeddings N(0, 1) with a
+padding mask; random class labels for DiT).
+
+Latents are kept at the scale real ones have (std <= :data:`MAX_LATENT_STD`; the VAE's
+scaling factor makes clean latents unit-variance): an untrained model's loop diverges
+(|x| ~500 after 8 steps on the tiny random models), and a calibration range set by such
+latents leaves 16-bit steps too coarse for the inputs a trained model sees.
+
+Example::
+
+    from litedge.export.calibration import denoising_calibration, FeedReader
+    feeds = denoising_calibration(transformer_wrapper(model), latent=(64, 64), text_length=300)
+    reader = FeedReader(feeds)  # an onnxruntime.quantization.CalibrationDataReader
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from onnxruntime.quantization import CalibrationDataReader
+
+from litedge.export.rewrites import inference_mode_of
+from litedge.export.specs import SampleSize, TransformerWrapper
+from litedge.runtime.schedulers import scheduler_from_config, split_learned_sigma
+
+Feed = dict[str, np.ndarray]
+
+# The samplers the base pipelines use (PixArt-Sigma / DiT: DPM-Solver++ 2M on the linear
+# beta schedule; SD3: flow-matching Euler with shift 3), as diffusers scheduler configs.
+SAMPLER_CONFIGS: dict[str, dict] = {
+    "pixart": {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
+               "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon", "solver_order": 2},
+    "sd3": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+}
+SAMPLER_CONFIGS["dit"] = SAMPLER_CONFIGS["pixart"]
+MAX_LATENT_STD = 1.5
+
+
+class FeedReader(CalibrationDataReader):
+    """A ``CalibrationDataReader`` over a list of feeds (input name -> array), read once."""
+
+    def __init__(self, feeds: Sequence[Feed]) -> None:
+        self._feeds: Iterator[Feed] = iter(list(feeds))
+
+    def get_next(self) -> Feed | None:
+        return next(self._feeds, None)
+
+
+def denoising_calibration(
+    wrapper: TransformerWrapper,
+    latent: tuple[int, int],
+    *,
+    text_length: int,
+    steps: int = 8,
+    trajectories: int = 2,
+    guidance_scale: float = 4.5,
+    seed: int = 0,
+) -> list[Feed]:
+    """The transformer's inputs at every step of ``trajectories`` short sampling loops.
+
+    Args:
+        wrapper: the export wrapper (:func:`litedge.export.specs.transformer_wrapper`); its
+            positional inputs name the feeds.
+        latent: latent (h, w), image px / vae factor.
+        text_length: prompt tokens of the conditioning (PixArt, SD3).
+        steps: sampler steps per trajectory (the schedule spans all of t in [0, 1000)).
+        trajectories: loops from independent noise and conditioning.
+        guidance_scale: classifier-free guidance between the batch's two halves.
+
+    Returns:
+        ``steps * trajectories`` feeds, each at batch 2: ``sample`` (2, C, h, w) float32,
+        ``timestep`` (2,) float32, and the conditioning inputs of the wrapper's kind.
+    """
+    spec = wrapper.spec()
+    names = spec.input_names
+    channels = int(wrapper.model.config.in_channels)
+    learned_sigma = int(wrapper.model.out_channels) == 2 * channels
+    feeds: list[Feed] = []
+    for k in range(trajectories):
+        gen = torch.Generator().manual_seed(seed + k)
+        cond = wrapper.conditioning_samples(SampleSize(2, latent[0], latent[1], text_length), gen)
+        scheduler = scheduler_from_config(SAMPLER_CONFIGS[wrapper.kind])
+        scheduler.set_timesteps(steps)
+        x = torch.randn((1, channels, *latent), generator=gen).numpy() * scheduler.init_noise_sigma  # (1, C, h, w)
+        for i, t in enumerate(scheduler.timesteps):
+            inputs = (torch.from_numpy(np.repeat(x, 2, axis=0)), torch.full((2,), float(t)), *cond)
+            feeds.append({n: v.numpy().copy() for n, v in zip(names, inputs)})
+            with inference_mode_of(wrapper):
+                out = wrapper(*inputs).numpy()  # (2, C_out, h, w)
+            if learned_sigma:
+                out = split_learned_sigma(out, channels)
+            eps = out[1:] + guidance_scale * (out[:1] - out[1:])  # uncond + g (cond - uncond)
+            x = scheduler.step(eps, i, x)
+            x = x / max(1.0, float(x.std()) / MAX_LATENT_STD)  # an untrained model's loop diverges
+    return feeds

@@ -1,0 +1,234 @@
+"""onnxruntime-qnn's HTP backend, torch-free: SoC table, QDQ preparation, EPContext compile, simulator.
+
+onnxruntime-qnn 2.x is a plug-in execution provider: it is registered once per process
+with ``onnxruntime.register_execution_provider_library`` and added to a session through
+its ``OrtEpDevice`` (``SessionOptions.add_provider_for_devices``), never through
+``providers=[...]``. On Linux x86_64 its HTP backend compiles static-shape QDQ graphs for a
+chosen SoC (``soc_model``/``htp_arch``) and runs the result on the x86 HTP simulator.
+
+Every session here disables the CPU fallback (``session.disable_cpu_ep_fallback``) and
+keeps graph input quantization / output dequantization inside QNN
+(``offload_graph_io_quantization=0``), so a graph either runs entirely on HTP or fails
+to load, naming the nodes that would not.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from litedge.errors import LitedgeError
+
+EP_NAME = "QNNExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Soc:
+    """A Snapdragon SoC as QNN names it: ``soc_model`` (QnnSocModel id) and Hexagon ``htp_arch``."""
+
+    name: str
+    soc_model: int
+    htp_arch: int
+    marketing: str
+
+
+# QNN's Qnn_SocModel_t ids and the Hexagon (HTP) architecture of each.
+SOCS: dict[str, Soc] = {
+    s.name: s
+    for s in (
+        Soc("sm8350", 30, 68, "Snapdragon 888"),
+        Soc("sm8450", 36, 69, "Snapdragon 8 Gen 1"),
+        Soc("sm8550", 43, 73, "Snapdragon 8 Gen 2"),
+        Soc("sm8650", 57, 75, "Snapdragon 8 Gen 3"),
+        Soc("sm8750", 69, 79, "Snapdragon 8 Elite"),
+        Soc("sm8850", 87, 81, "Snapdragon 8 Elite Gen 5"),
+        Soc("sc8380xp", 60, 73, "Snapdragon X Elite"),
+    )
+}
+DEFAULT_SOC = "sm8650"
+
+
+def get_soc(name: str | None) -> Soc:
+    """The SoC of a ``--soc`` value (None: :data:`DEFAULT_SOC`); LitedgeError listing the known ones."""
+    key = (name or DEFAULT_SOC).strip().lower()
+    if key not in SOCS:
+        known = ", ".join(f"{s.name} ({s.marketing})" for s in SOCS.values())
+        raise LitedgeError(f"unknown --soc {name!r}: choose one of {known}")
+    return SOCS[key]
+
+
+def provider_options(soc: Soc) -> dict[str, str]:
+    """QNN EP options: HTP backend for ``soc``, graph I/O (de)quantization on HTP too."""
+    return {"backend_type": "htp", "soc_model": str(soc.soc_model), "htp_arch": str(soc.htp_arch),
+            "offload_graph_io_quantization": "0"}
+
+
+def qnn_devices() -> list:
+    """The QNN EP's ``OrtEpDevice`` list, registering the plug-in library on first use."""
+    try:
+        import onnxruntime_qnn
+    except ModuleNotFoundError:
+        raise LitedgeError(
+            "target snapdragon needs onnxruntime-qnn (a plug-in EP for onnxruntime): pip install 'litedge[qnn]'"
+        ) from None
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    if not devices:
+        ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    if not devices:
+        raise LitedgeError(f"onnxruntime-qnn {onnxruntime_qnn.__version__} registered no QNN device on this machine")
+    return devices
+
+
+def qnn_version() -> str:
+    import onnxruntime_qnn
+
+    return str(onnxruntime_qnn.__version__)
+
+
+def _session_options(soc: Soc, config: dict[str, str]) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    options.add_provider_for_devices(qnn_devices(), provider_options(soc))
+    return options
+
+
+# ----------------------------------------------------------------------------- graph preparation
+
+
+def fold_constants(src: Path, dst: Path) -> None:
+    """Constant-fold with onnxruntime's basic (ONNX-standard) optimizer, metadata dropped.
+
+    The legacy exporter leaves the sin-cos position embedding as an ``Einsum`` chain on
+    constants, which QNN does not run; folded it is one initializer. The basic level also
+    fuses ``MatMul + Add`` into ``Gemm``, which the QNN quantizer quantizes per channel.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(dst))
+    del model.metadata_props[:]  # onnxruntime.quantization's QNN helpers choke on them
+    used = {n.domain for n in model.graph.node}
+    kept = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    onnx.save(model, str(dst))
+
+
+def decompose_layernorm(model: onnx.ModelProto) -> int:
+    """Replace each last-axis ``LayerNormalization`` with ReduceMean/Sub/Mul/Sqrt/Div (in place).
+
+    QNN HTP's LayerNorm gave wrong rows (rel err ~1) for PixArt's adaLN norms on the
+    simulator while the same QDQ graph was right on CPU; the primitive form is right on HTP.
+    A scale of ones and a bias of zeros (``elementwise_affine=False``) are dropped.
+    Returns the number of nodes replaced.
+    """
+    graph = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "LayerNormalization" or attrs.get("axis", -1) != -1:
+            nodes.append(node)
+            continue
+        count += 1
+        p, x = node.name or f"layernorm_{count}", node.input[0]
+        eps = f"{p}/epsilon"
+        graph.initializer.append(numpy_helper.from_array(np.array(attrs.get("epsilon", 1e-5), np.float32), eps))
+        nodes += [
+            helper.make_node("ReduceMean", [x], [f"{p}/mean"], name=f"{p}/ReduceMean", axes=[-1], keepdims=1),
+            helper.make_node("Sub", [x, f"{p}/mean"], [f"{p}/centered"], name=f"{p}/Sub"),
+            helper.make_node("Mul", [f"{p}/centered", f"{p}/centered"], [f"{p}/squared"], name=f"{p}/Square"),
+            helper.make_node("ReduceMean", [f"{p}/squared"], [f"{p}/var"], name=f"{p}/ReduceMean_1", axes=[-1], keepdims=1),
+            helper.make_node("Add", [f"{p}/var", eps], [f"{p}/var_eps"], name=f"{p}/AddEps"),
+            helper.make_node("Sqrt", [f"{p}/var_eps"], [f"{p}/std"], name=f"{p}/Sqrt"),
+        ]
+        scale = consts.get(node.input[1])
+        bias = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
+        steps = [("Div", f"{p}/std")]
+        if scale is None or not np.all(scale == 1):
+            steps.append(("Mul", node.input[1]))
+        if bias is None or np.any(bias != 0):
+            steps.append(("Add", node.input[2]))
+        current = f"{p}/centered"
+        for i, (op, other) in enumerate(steps):
+            out = node.output[0] if i == len(steps) - 1 else f"{p}/{op.lower()}_{i}"
+            nodes.append(helper.make_node(op, [current, other], [out], name=f"{p}/{op}_{i}"))
+            current = out
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+# ----------------------------------------------------------------------------- compile and run
+
+
+def cpu_nodes(path: Path, soc: Soc) -> Counter:
+    """Op types (and names) of the nodes QNN would leave to the CPU EP, fallback allowed."""
+    options = _session_options(soc, {"session.record_ep_graph_assignment_info": "1"})
+    session = ort.InferenceSession(str(path), options)
+    left = Counter()
+    for subgraph in session.get_provider_graph_assignment_info():
+        if subgraph.ep_name != EP_NAME:
+            left.update(f"{n.op_type} ({n.name})" for n in subgraph.get_nodes())
+    return left
+
+
+def compile_context(qdq: Path, out: Path, soc: Soc) -> list[Path]:
+    """Compile a static-shape QDQ graph to an EPContext model ``out`` + its QNN context binary.
+
+    Returns the files written (``out`` first). Raises LitedgeError naming the nodes HTP
+    cannot run.
+    """
+    for stale in out.parent.glob(f"{out.stem}*"):
+        stale.unlink()  # onnxruntime refuses to overwrite an EPContext model
+    config = {"ep.context_enable": "1", "ep.context_file_path": str(out), "ep.context_embed_mode": "0",
+              "session.disable_cpu_ep_fallback": "1"}
+    try:
+        ort.InferenceSession(str(qdq), _session_options(soc, config))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        for stale in out.parent.glob(f"{out.stem}*"):
+            stale.unlink()
+        left = cpu_nodes(qdq, soc) if "CPU EP" in str(exc) else Counter()
+        if left:
+            names = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in left.most_common(8))
+            raise LitedgeError(f"{out.name}: {sum(left.values())} nodes cannot run on QNN HTP ({soc.name}): {names}; "
+                               "every node must run there: report the model") from None
+        raise LitedgeError(f"{out.name}: QNN HTP compile for {soc.name} failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        gc.collect()
+    return [out, *context_binaries(out)]
+
+
+def context_binaries(path: Path) -> list[Path]:
+    """The QNN context binaries an EPContext model names (``ep_cache_context`` with embed_mode 0)."""
+    model = onnx.load(str(path), load_external_data=False)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "EPContext":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("embed_mode", 1) == 0:
+            rel = attrs["ep_cache_context"].decode() if isinstance(attrs["ep_cache_context"], bytes) else attrs["ep_cache_context"]
+            target = (path.parent / rel).resolve()
+            if path.parent.resolve() not in target.parents or not target.is_file():
+                raise LitedgeError(f"{path.name}: EPContext binary {rel!r} is missing or outside {path.parent}")
+            if target not in found:
+                found.append(target)
+    return [path.parent / p.relative_to(path.parent.resolve()) for p in found]
+
+
+def simulator_session(path: Path, soc: Soc) -> ort.InferenceSession:
+    """A session on the HTP simulator (x86) for an EPContext or QDQ model, CPU fallback disabled."""
+    return ort.InferenceSession(str(path), _session_options(soc, {"session.disable_cpu_ep_fallback": "1"}))
