@@ -85,6 +85,26 @@ def test_round_trip(tmp_path):
     assert set(raw["components"]["vae_decoder"]) == {"file", "sha256", "shapes"}  # empty fields left out
 
 
+def test_extra_tokenizers_are_hashed_and_verified(tmp_path):
+    """SD3-style: the main tokenizer plus others under ``tokenizer.extra``, each hashed like it."""
+    out = tmp_path / "sd3.litedge"
+    with BundleWriter(out) as w:
+        (w.path / "transformer.onnx").write_bytes(b"graph")
+        for name in ("tokenizer", "tokenizer_2"):
+            (w.path / name).mkdir()
+            (w.path / name / "tokenizer.json").write_text(f"{{\"{name}\": 1}}")
+        w.add_component("transformer", "transformer.onnx")
+        w.set(model=MODEL, target=TARGET, tokenizer={"kind": "tokenizers", "path": "tokenizer", "extra": {
+            "tokenizer_2": {"kind": "tokenizers", "path": "tokenizer_2"}}})
+    m = verify_bundle(out)
+    assert m.tokenizer["sha256"] == file_sha256(out / "tokenizer")
+    assert m.tokenizer["extra"]["tokenizer_2"]["sha256"] == file_sha256(out / "tokenizer_2")
+    assert Manifest.from_json(m.to_json()) == m
+    (out / "tokenizer_2" / "tokenizer.json").write_text("{}")
+    with pytest.raises(LitedgeError, match="tokenizer_2.*sha256 mismatch"):
+        verify_bundle(out)
+
+
 def test_component_defaults_and_to_json():
     c = Component(file="a.onnx", sha256="0" * 64)
     assert c.to_json() == {"file": "a.onnx", "sha256": "0" * 64, "shapes": "dynamic"}

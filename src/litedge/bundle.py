@@ -330,6 +330,25 @@ def _component_v1(name: str, value: Any, source: str) -> Component:
     )
 
 
+def _tokenizer_v1(value: Any, source: str, key: str) -> dict[str, Any]:
+    """A tokenizer entry ``{"kind", "path", "sha256", ...}``; ``path`` and ``sha256`` checked when present."""
+    tokenizer = _dict(value, source, key)
+    if "path" in tokenizer:
+        tokenizer["path"] = _relpath(tokenizer["path"], source, f"{key}.path")
+    if "sha256" in tokenizer:
+        _sha(tokenizer["sha256"], source, f"{key}.sha256")
+    return tokenizer
+
+
+def tokenizer_entries(tokenizer: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Every tokenizer a manifest's ``tokenizer`` section names, by key: ``"tokenizer"`` for the
+    main entry, then the keys of its ``extra`` mapping (SD3: ``tokenizer_2``, ``tokenizer_3``)."""
+    if not tokenizer:
+        return {}
+    main = {k: v for k, v in tokenizer.items() if k != "extra"}
+    return {"tokenizer": main, **tokenizer.get("extra", {})}
+
+
 def _read_v1(data: dict[str, Any], source: str) -> Manifest:
     """Format version 1: the layout in DESIGN.md."""
     _only_keys(data, _V1_KEYS, source, "the manifest")
@@ -340,11 +359,14 @@ def _read_v1(data: dict[str, Any], source: str) -> Manifest:
     _want(bool(components), source, "components", "a non-empty object", components)
     tokenizer = data.get("tokenizer")
     if tokenizer is not None:
-        tokenizer = _dict(tokenizer, source, "tokenizer")
-        if "path" in tokenizer:
-            tokenizer["path"] = _relpath(tokenizer["path"], source, "tokenizer.path")
-        if "sha256" in tokenizer:
-            _sha(tokenizer["sha256"], source, "tokenizer.sha256")
+        tokenizer = _tokenizer_v1(tokenizer, source, "tokenizer")
+        extra = _dict(tokenizer.get("extra", {}), source, "tokenizer.extra")
+        for name, value in extra.items():
+            _want(isinstance(value, dict) and "extra" not in value, source, f"tokenizer.extra.{name}",
+                  'a tokenizer object {"kind", "path", "sha256"}', value)
+            extra[name] = _tokenizer_v1(value, source, f"tokenizer.extra.{name}")
+        if "extra" in tokenizer:
+            tokenizer["extra"] = extra
     created_by = data.get("created_by", "unknown")
     _want(isinstance(created_by, str), source, "created_by", "a string", created_by)
     return Manifest(
@@ -433,8 +455,9 @@ def _named_files(manifest: Manifest) -> Iterator[tuple[str, str, str | None]]:
         yield f"component '{name}'", comp.file, comp.sha256
         for extra in comp.extra_files:
             yield f"component '{name}'", extra["file"], extra["sha256"]
-    if manifest.tokenizer and "path" in manifest.tokenizer:
-        yield "tokenizer", manifest.tokenizer["path"], manifest.tokenizer.get("sha256")
+    for key, entry in tokenizer_entries(manifest.tokenizer).items():
+        if "path" in entry:
+            yield key, entry["path"], entry.get("sha256")
 
 
 def verify_bundle(bundle_dir: StrPath, manifest: Manifest | None = None,
@@ -654,8 +677,9 @@ class BundleWriter:
                 extra["sha256"] = self._hash(tmp, extra["file"], owner)
             data["components"][name] = {k: v for k, v in spec.items() if v or k in ("file", "sha256")}
         tokenizer = data["tokenizer"]
-        if tokenizer and "path" in tokenizer:
-            tokenizer["sha256"] = self._hash(tmp, _check_relpath(tokenizer["path"], "tokenizer"), "tokenizer")
+        for key, entry in ((k, v) for k, v in tokenizer_entries(tokenizer).items() if "path" in v):
+            owner = tokenizer if key == "tokenizer" else tokenizer["extra"][key]
+            owner["sha256"] = self._hash(tmp, _check_relpath(entry["path"], key), key)
         return _parse(data, "BundleWriter")  # what is written is what the reader accepts
 
     def _commit(self, tmp: Path) -> bool:

@@ -1,7 +1,7 @@
 """The interface every target backend implements, and the ONNX one the cpu target uses.
 
 ``export_bundle`` loads the model once and hands each component to the target's backend
-(STYLE habit 7): ``transformer``, ``vae_decoder`` and ``text_encoder`` each write their
+(STYLE habit 7): ``transformer``, ``vae_decoder`` and ``text_encoder`` (once per encoder) each write their
 files into the bundle's temporary directory and register them with the writer. A new
 target is a new subclass named in :data:`litedge.export.targets.TARGETS`; nothing else
 changes.
@@ -63,8 +63,9 @@ class Backend(abc.ABC):
         """Export ``AutoencoderKL``'s decoder as component ``vae_decoder`` (latent -> image in [-1, 1])."""
 
     @abc.abstractmethod
-    def text_encoder(self, encoder: nn.Module, writer: BundleWriter) -> None:
-        """Export the T5 encoder as component ``text_encoder``."""
+    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder") -> None:
+        """Export a text encoder (T5, or CLIP with projection: :func:`litedge.export.specs.text_encoder_wrapper`)
+        as component ``name`` (SD3 has three: ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``)."""
 
     def finish(self, writer: BundleWriter) -> None:
         """Called after every component, before the manifest is written (e.g. compile, submit)."""

@@ -87,23 +87,81 @@ def _load_vae(loaded):
     return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
 
 
-def _load_text_encoder(loaded):
-    if loaded.kind != "pixart":
-        return None  # DiT is class-conditional; SD3's three encoders are not exported yet
-    encoder_dir, tokenizer_dir = _pipeline_part(loaded, "text_encoder"), _pipeline_part(loaded, "tokenizer")
-    if encoder_dir is None or tokenizer_dir is None:
-        stage("no text_encoder/ + tokenizer/ in the source: the bundle has no text encoder")
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a pipeline: its folder (= bundle component name), tokenizer folder, class."""
+
+    name: str
+    tokenizer: str
+    cls: str  # a transformers class
+    required: bool = True  # False: generation works without it (SD3's T5: zeros, as diffusers)
+
+
+# The text encoders each base pipeline reads prompts with, in the order its pipeline uses them.
+TEXT_ENCODERS: dict[str, tuple[TextEncoderSlot, ...]] = {
+    "pixart": (TextEncoderSlot("text_encoder", "tokenizer", "T5EncoderModel"),),
+    "sd3": (
+        TextEncoderSlot("text_encoder", "tokenizer", "CLIPTextModelWithProjection"),  # CLIP-L
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),  # CLIP-G
+        TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5EncoderModel", required=False),  # T5-XXL
+    ),
+    "dit": (),
+}
+
+
+def _text_encoder_slots(loaded) -> list[TextEncoderSlot]:
+    """The slots present in the source (encoder and tokenizer folders); a note for each one missing."""
+    present = []
+    for slot in TEXT_ENCODERS[loaded.kind]:
+        if _pipeline_part(loaded, slot.name) is not None and _pipeline_part(loaded, slot.tokenizer) is not None:
+            present.append(slot)
+        elif slot.required:
+            stage(f"no {slot.name}/ + {slot.tokenizer}/ in the source: the bundle has no {slot.name} "
+                  "(it cannot generate from prompts)")
+        else:
+            stage(f"no {slot.name}/ + {slot.tokenizer}/ in the source: the runtime feeds zeros instead, as diffusers")
+    return present
+
+
+def _load_text_encoder(loaded, slot: TextEncoderSlot):
+    import transformers
+
+    cls = getattr(transformers, slot.cls)
+    return cls.from_pretrained(_pipeline_part(loaded, slot.name), use_safetensors=True).eval()
+
+
+def _copy_tokenizer(loaded, writer: BundleWriter, slot: TextEncoderSlot) -> dict:
+    """The tokenizer folder into the bundle (a CLIP vocab.json + merges.txt gets its tokenizer.json made)."""
+    source, dest = _pipeline_part(loaded, slot.tokenizer), writer.path / slot.tokenizer
+    if slot.cls.startswith("CLIP") and not (source / "tokenizer.json").is_file():
+        from transformers import CLIPTokenizer
+
+        CLIPTokenizer.from_pretrained(source).save_pretrained(dest)
+    else:
+        shutil.copytree(source, dest)
+    kind = "tokenizers" if (dest / "tokenizer.json").is_file() else "sentencepiece"
+    return {"kind": kind, "path": slot.tokenizer}
+
+
+def _export_text_encoders(loaded, backend, writer: BundleWriter) -> dict | None:
+    """Each text encoder present -> component of its folder's name; returns the manifest ``tokenizer``.
+
+    One tokenizer: ``{"kind", "path"}``. Several (SD3): the first encoder's, with the others under
+    ``"extra"``, keyed by folder: ``{"kind", "path": "tokenizer", "extra": {"tokenizer_2": {...}}}``.
+    """
+    tokenizers = {}
+    for slot in _text_encoder_slots(loaded):
+        encoder = _load_text_encoder(loaded, slot)
+        if slot.name == "text_encoder":  # backends written before SD3 take no name
+            backend.text_encoder(encoder, writer)
+        else:
+            backend.text_encoder(encoder, writer, name=slot.name)
+        del encoder
+        tokenizers[slot.tokenizer] = _copy_tokenizer(loaded, writer, slot)
+    if not tokenizers:
         return None
-    from transformers import T5EncoderModel
-
-    return T5EncoderModel.from_pretrained(encoder_dir, use_safetensors=True).eval()
-
-
-def _copy_tokenizer(loaded, writer: BundleWriter) -> dict:
-    source = _pipeline_part(loaded, "tokenizer")
-    shutil.copytree(source, writer.path / "tokenizer")
-    kind = "tokenizers" if (source / "tokenizer.json").is_file() else "sentencepiece"
-    return {"kind": kind, "path": "tokenizer"}
+    first, *rest = tokenizers.values()
+    return {**first, "extra": {t["path"]: t for t in rest}} if rest else first
 
 
 def _scheduler(loaded) -> dict:
@@ -136,7 +194,21 @@ def _model_section(loaded, vae, text_max_length: int) -> dict:
         section["vae_scaling_factor"] = float(vae.config.scaling_factor)
     if loaded.kind == "dit":
         section["num_classes"] = int(cfg.num_embeds_ada_norm)
+    if loaded.kind == "sd3":
+        section["clip_max_length"] = _clip_max_length(loaded)
+        section["joint_attention_dim"] = int(cfg.joint_attention_dim)  # T5 width; zeros of it without T5
     return section
+
+
+def _clip_max_length(loaded) -> int:
+    """CLIP's prompt tokens: the tokenizer's ``model_max_length`` (77 in SD3), as diffusers pads to."""
+    config = _pipeline_part(loaded, "tokenizer")
+    config = config / "tokenizer_config.json" if config is not None else None
+    if config is not None and config.is_file():
+        length = json.loads(config.read_text()).get("model_max_length")
+        if isinstance(length, int) and 0 < length < 100_000:
+            return length
+    return 77
 
 
 def export_bundle(cfg: ExportConfig) -> ExportReport:
@@ -165,11 +237,7 @@ def export_bundle(cfg: ExportConfig) -> ExportReport:
         vae = _load_vae(loaded)
         if vae is not None:
             backend.vae_decoder(vae, writer)
-        encoder = _load_text_encoder(loaded)
-        tokenizer = None
-        if encoder is not None:
-            backend.text_encoder(encoder, writer)
-            tokenizer = _copy_tokenizer(loaded, writer)
+        tokenizer = _export_text_encoders(loaded, backend, writer)
         backend.finish(writer)
         size = cfg.sizes[0] if cfg.sizes else int(loaded.transformer.config.sample_size) * 8
         writer.set(

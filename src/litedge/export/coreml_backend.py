@@ -381,13 +381,16 @@ class CoreMLBackend(Backend):
         self._export("vae_decoder", wrapper, sizes, quantize=False, fp32=fp32, writer=writer,
                      meta={**wrapper.metadata(), "compute_precision_reason": "force_upcast" if fp32 else "target"})
 
-    def text_encoder(self, encoder: nn.Module, writer: BundleWriter) -> None:
+    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder") -> None:
+        if type(encoder).__name__ not in TextEncoderWrapper.supported:
+            raise LitedgeError(f"{name}: the coreml target converts T5 text encoders only, not "
+                               f"{type(encoder).__name__} (SD3's CLIP encoders); use --target cpu for SD3 bundles")
         wrapper = TextEncoderWrapper(encoder)
         bucket = Bucket((0, 0), (0, 0))
-        stage(f"text_encoder: trace + convert to Core ML ({self.text_length} tokens)")
+        stage(f"{name}: trace + convert to Core ML ({self.text_length} tokens)")
         # T5 activations overflow fp16 (transformers clamps them in fp16 eager, not in a trace): fp32
         # compute; it runs once per prompt. The weights are still int4 when asked.
-        self._export("text_encoder", wrapper, {bucket: SampleSize(1, 1, 1, self.text_length)},
+        self._export(name, wrapper, {bucket: SampleSize(1, 1, 1, self.text_length)},
                      quantize=self.options.weights == "int4", fp32=True, writer=writer,
                      meta={**wrapper.metadata(), "compute_precision_reason": "T5 overflows fp16"},
                      function=f"text_{self.text_length}", optional=True)

@@ -58,7 +58,7 @@ from litedge.export.onnx_export import (
     export_vae_decoder,
 )
 from litedge.export.onnx_io import model_files, save_onnx
-from litedge.export.specs import SampleSize, TextEncoderWrapper, VaeDecoderWrapper, transformer_wrapper
+from litedge.export.specs import SampleSize, VaeDecoderWrapper, text_encoder_wrapper, transformer_wrapper
 from litedge.export.targets import TargetProfile
 
 FP32_OPS = frozenset({"Sin", "Cos", "Exp", "Pow", "Range"})  # besides the converter's own block list
@@ -406,9 +406,9 @@ class CudaBackend(Backend):
         self._export("vae_decoder", VaeDecoderWrapper(vae), writer, lambda path, **kw: export_vae_decoder(
             vae, path, opset=self.target.opset, **kw))
 
-    def text_encoder(self, encoder: nn.Module, writer: BundleWriter) -> None:
-        stage("text_encoder: export to ONNX, fp16, parity check")
-        self._export("text_encoder", TextEncoderWrapper(encoder), writer, lambda path, **kw: export_text_encoder(
+    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder") -> None:
+        stage(f"{name}: export to ONNX, fp16, parity check")
+        self._export(name, text_encoder_wrapper(encoder), writer, lambda path, **kw: export_text_encoder(
             encoder, path, opset=self.target.opset, **kw))
 
     # ------------------------------------------------------------------ shared steps
@@ -512,14 +512,14 @@ class DirectMLBackend(CudaBackend):
         self._buckets("vae_decoder", VaeDecoderWrapper(vae), writer, lambda path, bucket: export_vae_decoder(
             vae, path, opset=self.target.opset, dynamic=False, sample_size=bucket.latent))
 
-    def text_encoder(self, encoder: nn.Module, writer: BundleWriter) -> None:
-        stage(f"text_encoder: static fp16 graph ({self.text_length} tokens, batch {STATIC_BATCH['text_encoder']})")
-        graph = self._graph("text_encoder", TextEncoderWrapper(encoder), writer.path / "text_encoder.onnx",
+    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder") -> None:
+        stage(f"{name}: static fp16 graph ({self.text_length} tokens, batch {STATIC_BATCH['text_encoder']})")
+        graph = self._graph("text_encoder", text_encoder_wrapper(encoder), writer.path / f"{name}.onnx",
                             lambda path, **kw: export_text_encoder(encoder, path, **kw),
                             {"opset": self.target.opset, "dynamic": False, "text_length": self.text_length})
         graph["meta"].update(text_length=self.text_length, batch=STATIC_BATCH["text_encoder"])
         # One graph for every bucket: the prompt's shape does not depend on the image size.
-        writer.add_component("text_encoder", graph["files"][0], inputs=graph["inputs"], outputs=graph["outputs"],
+        writer.add_component(name, graph["files"][0], inputs=graph["inputs"], outputs=graph["outputs"],
                              shapes=[list(b.image) for b in self.buckets], extra_files=graph["files"][1:],
                              meta=graph["meta"])
 

@@ -15,6 +15,10 @@ from litedge.export.onnx_io import model_files
 class OnnxBackend(Backend):
     """fp32 ONNX (legacy exporter, the target's opset), dynamic latent size, optional int4 weights."""
 
+    # Added to the VAE decoder's and text encoders' manifest meta (a subclass that compiles
+    # only the transformer says here where the other components run).
+    support_meta: dict = {}
+
     def transformer(self, model: nn.Module, writer: BundleWriter) -> None:
         stage(f"transformer ({type(model).__name__}): export to ONNX, parity check")
         quantize = self.options.weights == "int4"
@@ -31,13 +35,13 @@ class OnnxBackend(Backend):
         stage("vae_decoder: export to ONNX, parity check")
         result = export_vae_decoder(vae, writer.path / "vae_decoder.onnx", opset=self.target.opset)
         self._fidelity("vae_decoder", result)
-        self._add(writer, "vae_decoder", result, result.files, result.metadata)
+        self._add(writer, "vae_decoder", result, result.files, {**result.metadata, **self.support_meta})
 
-    def text_encoder(self, encoder: nn.Module, writer: BundleWriter) -> None:
-        stage("text_encoder: export to ONNX, parity check")
-        result = export_text_encoder(encoder, writer.path / "text_encoder.onnx", opset=self.target.opset)
-        self._fidelity("text_encoder", result)
-        self._add(writer, "text_encoder", result, result.files, result.metadata)
+    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder") -> None:
+        stage(f"{name} ({type(encoder).__name__}): export to ONNX, parity check")
+        result = export_text_encoder(encoder, writer.path / f"{name}.onnx", opset=self.target.opset)
+        self._fidelity(name, result)
+        self._add(writer, name, result, result.files, {**result.metadata, **self.support_meta})
 
     # ------------------------------------------------------------------ shared steps
 

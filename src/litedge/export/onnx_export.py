@@ -38,8 +38,8 @@ from litedge.export.specs import (
     ComponentSpec,
     SampleSize,
     TensorSpec,
-    TextEncoderWrapper,
     VaeDecoderWrapper,
+    text_encoder_wrapper,
     transformer_wrapper,
 )
 
@@ -179,15 +179,16 @@ def export_text_encoder(
     rtol: float = DEFAULT_RTOL,
     external_data: bool | None = None,
 ) -> ExportResult:
-    """Export a transformers T5 encoder (``T5EncoderModel``) to ONNX.
+    """Export a transformers T5 encoder or CLIP text encoder with projection to ONNX.
 
-    Graph: ``input_ids (B,L) i64, attention_mask (B,L) i64 -> last_hidden_state (B,L,D) f32``.
+    Graph (T5): ``input_ids (B,L) i64, attention_mask (B,L) i64 -> last_hidden_state (B,L,D) f32``;
+    (CLIP): ``input_ids (B,L) i64 -> hidden_states (B,L,D) f32 (penultimate), text_embeds (B,P) f32``.
 
     Args:
         text_length: tokens to trace at; the graph accepts other lengths when dynamic.
         Other arguments as :func:`export_transformer`.
     """
-    wrapper = TextEncoderWrapper(encoder)
+    wrapper = text_encoder_wrapper(encoder)
     trace = SampleSize(2, 1, 1, text_length)
     if check_sizes is None:
         other = SampleSize(2, 1, 1, max(1, text_length - 5)) if dynamic else trace
@@ -222,7 +223,7 @@ def _export(
         with inference_mode_of(wrapper), rewrite():
             _torch_export(wrapper, args, tmp / "model.onnx", spec, opset, dynamic)
             if not dynamic:
-                spec = _fixed(spec, args, wrapper(*args))
+                spec = _fixed(spec, args, _outputs(wrapper(*args)))
         metadata = wrapper.metadata()
         model = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
         _attach_metadata(model, component, spec, metadata)
@@ -260,14 +261,19 @@ def _torch_export(wrapper: nn.Module, args: tuple, out: Path, spec: ComponentSpe
         )
 
 
-def _fixed(spec: ComponentSpec, args: tuple, out: torch.Tensor) -> ComponentSpec:
+def _outputs(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A wrapper's output(s) as a tuple, in the spec's output order."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _fixed(spec: ComponentSpec, args: tuple, outs: tuple[torch.Tensor, ...]) -> ComponentSpec:
     """The spec with every symbolic dimension replaced by its traced size."""
 
     def fix(t: TensorSpec, value: torch.Tensor) -> TensorSpec:
         return TensorSpec(t.name, t.dtype, tuple(int(s) for s in value.shape))
 
     return ComponentSpec(
-        tuple(fix(t, a) for t, a in zip(spec.inputs, args)), (fix(spec.outputs[0], out),)
+        tuple(fix(t, a) for t, a in zip(spec.inputs, args)), tuple(fix(t, o) for t, o in zip(spec.outputs, outs))
     )
 
 
@@ -309,6 +315,20 @@ def _check_io(session: ort.InferenceSession, spec: ComponentSpec, path: Path) ->
         )
 
 
+def _compare_checked(got: np.ndarray, ref: np.ndarray, rtol: float, where: str) -> dict:
+    """``compare(got, ref)``; raise on a shape mismatch, a non-finite value or ``rel_err`` past ``rtol``."""
+    if got.shape != ref.shape:
+        raise LitedgeError(f"{where}: ONNX output shape {got.shape}, PyTorch {ref.shape}; the graph baked a size")
+    figures = compare(got, ref)
+    if not np.all(np.isfinite(got)) or not figures["rel_err"] <= rtol:
+        raise LitedgeError(
+            f"{where}: ONNX Runtime differs from PyTorch by rel_err {figures['rel_err']:.3g} "
+            f"(max_abs_err {figures['max_abs_err']:.3g}), expected <= {rtol:g}; "
+            "check the export rewrites or report the model"
+        )
+    return figures
+
+
 def _parity(result: ExportResult, wrapper: nn.Module, spec: ComponentSpec, sizes: Sequence[SampleSize], rtol: float) -> dict:
     """Run ONNX Runtime and PyTorch on the same random inputs at each size; raise past ``rtol``."""
     session = cpu_session(result.path)
@@ -318,23 +338,23 @@ def _parity(result: ExportResult, wrapper: nn.Module, spec: ComponentSpec, sizes
         for seed, size in enumerate(sizes, start=1):
             inputs = wrapper.sample_inputs(size, seed=seed)
             with inference_mode_of(wrapper):
-                ref = wrapper(*inputs).numpy()
+                refs = [r.numpy() for r in _outputs(wrapper(*inputs))]
             feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs)}
-            got = session.run(spec.output_names, feeds)[0]
+            gots = session.run(spec.output_names, feeds)
             if not result.sample_inputs:
                 result.sample_inputs = feeds
             shapes = {n: list(t.shape) for n, t in zip(spec.input_names, inputs)}
-            where = f"{result.component} {result.path.name} at input shapes {shapes}"
-            if got.shape != ref.shape:
-                raise LitedgeError(f"{where}: ONNX output shape {got.shape}, PyTorch {ref.shape}; the graph baked a size")
-            figures = compare(got, ref)
-            if not np.all(np.isfinite(got)) or not figures["rel_err"] <= rtol:
-                raise LitedgeError(
-                    f"{where}: ONNX Runtime differs from PyTorch by rel_err {figures['rel_err']:.3g} "
-                    f"(max_abs_err {figures['max_abs_err']:.3g}), expected <= {rtol:g}; "
-                    "check the export rewrites or report the model"
-                )
-            checks.append({"input_shapes": shapes, "output_shape": list(got.shape), **figures})
+            per_output = {
+                name: _compare_checked(got, ref, rtol, f"{result.component} {result.path.name} output {name} "
+                                                       f"at input shapes {shapes}")
+                for name, got, ref in zip(spec.output_names, gots, refs)
+            }
+            check = {"input_shapes": shapes, "output_shape": list(gots[0].shape),
+                     "max_abs_err": max(f["max_abs_err"] for f in per_output.values()),
+                     "rel_err": max(f["rel_err"] for f in per_output.values())}
+            if len(per_output) > 1:  # worst over the outputs above, each one here
+                check["outputs"] = per_output
+            checks.append(check)
         return {
             "max_abs_err": max(c["max_abs_err"] for c in checks),
             "rel_err": max(c["rel_err"] for c in checks),

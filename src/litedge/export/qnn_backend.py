@@ -41,7 +41,7 @@ from litedge.export.backend import BackendOptions, ExportReport, stage
 from litedge.export.bundle_export import BASE_DEFAULTS
 from litedge.export.calibration import Feed, FeedReader, denoising_calibration
 from litedge.export.onnx_backend import OnnxBackend
-from litedge.export.onnx_export import ExportResult, export_text_encoder, export_transformer, export_vae_decoder
+from litedge.export.onnx_export import ExportResult, export_transformer
 from litedge.export.onnx_io import compare
 from litedge.export.qai_hub import AIHub
 from litedge.export.qnn_ep import (
@@ -68,6 +68,8 @@ CPU_COMPONENT = {"providers": ["CPUExecutionProvider"], "precision": "fp32",
 
 class QnnBackend(OnnxBackend):
     """Transformer: QDQ (a16, int4/int8 weights) -> QNN HTP EPContext per size; others: fp32 ONNX on CPU."""
+
+    support_meta = CPU_COMPONENT
 
     def __init__(self, target: TargetProfile, options: BackendOptions, report: ExportReport) -> None:
         super().__init__(target, options, report)
@@ -121,18 +123,6 @@ class QnnBackend(OnnxBackend):
             "transformer", files[0].name, inputs=_bucketed(first.inputs), outputs=_bucketed(first.outputs),
             shapes=[[px, px] for px in self.sizes], extra_files=[p.name for p in files[1:]], meta=meta,
         )
-
-    def vae_decoder(self, vae: nn.Module, writer: BundleWriter) -> None:
-        stage("vae_decoder: fp32 ONNX for the CPU EP (not compiled for HTP), parity check")
-        result = export_vae_decoder(vae, writer.path / "vae_decoder.onnx", opset=self.target.opset)
-        self._fidelity("vae_decoder", result)
-        self._add(writer, "vae_decoder", result, result.files, {**result.metadata, **CPU_COMPONENT})
-
-    def text_encoder(self, encoder: nn.Module, writer: BundleWriter) -> None:
-        stage("text_encoder: fp32 ONNX for the CPU EP (not compiled for HTP), parity check")
-        result = export_text_encoder(encoder, writer.path / "text_encoder.onnx", opset=self.target.opset)
-        self._fidelity("text_encoder", result)
-        self._add(writer, "text_encoder", result, result.files, {**result.metadata, **CPU_COMPONENT})
 
     def finish(self, writer: BundleWriter) -> None:
         self._work.cleanup()

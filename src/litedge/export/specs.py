@@ -16,6 +16,14 @@ dit            sample, timestep, class_labels (B,) i64 -> noise_pred
 sd3            sample, timestep, encoder_hidden_states (B,L,D), pooled_projections (B,P)
                -> noise_pred
 =============  ==============================================================================
+
+Text encoders (:func:`text_encoder_wrapper` picks by class):
+
+===========================  ================================================================
+T5EncoderModel, UMT5         input_ids (B,L) i64, attention_mask (B,L) i64 -> last_hidden_state (B,L,D)
+CLIPTextModelWithProjection  input_ids (B,L) i64 -> hidden_states (B,L,D) (the penultimate layer's,
+                             as SD3 uses it), text_embeds (B,P) (projected pooled output)
+===========================  ================================================================
 """
 
 from __future__ import annotations
@@ -354,3 +362,68 @@ class TextEncoderWrapper(nn.Module):
 
     def metadata(self) -> dict:
         return {"kind": type(self.encoder).__name__, "hidden_size": int(self.encoder.config.d_model)}
+
+
+class ClipTextEncoderWrapper(nn.Module):
+    """``input_ids -> (penultimate hidden state, text_embeds)`` around a ``CLIPTextModelWithProjection``.
+
+    What diffusers' ``StableDiffusion3Pipeline._get_clip_prompt_embeds`` takes from each CLIP
+    (``clip_skip=None``): ``hidden_states[-2]`` and the projected pooled output. No attention
+    mask, as there: CLIP is causal and pooled at the first end-of-text token.
+    """
+
+    supported: ClassVar[tuple[str, ...]] = ("CLIPTextModelWithProjection",)
+
+    def __init__(self, encoder: nn.Module) -> None:
+        if type(encoder).__name__ not in self.supported:
+            raise LitedgeError(
+                f"cannot export a {type(encoder).__name__} as a CLIP text encoder: expected one of {list(self.supported)}"
+            )
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) int64 token ids -> (B, L, D) float32 penultimate states, (B, P) float32 text_embeds."""
+        out = self.encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[-2], out.text_embeds
+
+    def spec(self) -> ComponentSpec:
+        cfg = self.encoder.config
+        return ComponentSpec(
+            (TensorSpec("input_ids", "int64", ("batch", "text_length")),),
+            (
+                TensorSpec("hidden_states", "float32", ("batch", "text_length", int(cfg.hidden_size))),
+                TensorSpec("text_embeds", "float32", ("batch", int(cfg.projection_dim))),
+            ),
+        )
+
+    def sample_inputs(self, size: SampleSize, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random token ids with one end-of-text token per row (where CLIP pools)."""
+        gen = torch.Generator().manual_seed(seed)
+        cfg = self.encoder.config
+        ids = torch.randint(0, int(cfg.vocab_size), (size.batch, size.text_length), generator=gen)
+        eos = int(cfg.eos_token_id)
+        if 0 <= eos < int(cfg.vocab_size):
+            ids[ids == eos] = (eos + 1) % int(cfg.vocab_size)
+            ids[torch.arange(size.batch), torch.randint(0, size.text_length, (size.batch,), generator=gen)] = eos
+        return (ids,)
+
+    def metadata(self) -> dict:
+        cfg = self.encoder.config
+        return {"kind": type(self.encoder).__name__, "hidden_size": int(cfg.hidden_size),
+                "projection_dim": int(cfg.projection_dim), "hidden_state": "penultimate",
+                "max_position_embeddings": int(cfg.max_position_embeddings)}
+
+
+TEXT_ENCODER_WRAPPERS: dict[str, type[nn.Module]] = {
+    **{name: TextEncoderWrapper for name in TextEncoderWrapper.supported},
+    **{name: ClipTextEncoderWrapper for name in ClipTextEncoderWrapper.supported},
+}
+
+
+def text_encoder_wrapper(encoder: nn.Module) -> nn.Module:
+    """The wrapper for a transformers text encoder (T5 or CLIP with projection), chosen by its class."""
+    name = type(encoder).__name__
+    if name not in TEXT_ENCODER_WRAPPERS:
+        raise LitedgeError(f"cannot export a {name} as a text encoder: expected one of {sorted(TEXT_ENCODER_WRAPPERS)}")
+    return TEXT_ENCODER_WRAPPERS[name](encoder)

@@ -7,10 +7,11 @@
     image = pipe("a red fox in the snow", steps=20, seed=0)[0]      # PIL.Image
     save_png(image, "fox.png")                                      # litedge.runtime.image
 
-Steps: validate the request against the manifest -> encode the prompt (text encoder
-released right after) or look up the class -> seeded Gaussian latents -> the denoising
+Steps: validate the request against the manifest -> the transformer's conditioning, by
+model kind (:mod:`litedge.runtime.conditioning`: PixArt's T5, SD3's two CLIPs + T5, DiT's
+class; text encoders released right after) -> seeded Gaussian latents -> the denoising
 loop (classifier-free guidance with the unconditional half first, as diffusers'
-PixArtSigmaPipeline) -> VAE decode (tiled when large) -> uint8 images with their
+pipelines) -> VAE decode (tiled when large) -> uint8 images with their
 settings as metadata. ``low_memory=True`` keeps at most one component session alive.
 """
 
@@ -30,13 +31,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from litedge import __version__
-from litedge.bundle import Manifest, resolve_path, verify_bundle
+from litedge.bundle import Manifest, verify_bundle
 from litedge.errors import LitedgeError
+from litedge.runtime.conditioning import CONDITIONERS, Conditioner, TextConditioner
+from litedge.runtime.conditioning import is_int as _is_int
 from litedge.runtime.devices import Device, resolve_device
 from litedge.runtime.image import to_pil
-from litedge.runtime.schedulers import Scheduler, scheduler_from_config, split_learned_sigma
+from litedge.runtime.schedulers import FlowMatchEuler, Scheduler, scheduler_from_config, split_learned_sigma
 from litedge.runtime.session import ComponentSession
-from litedge.runtime.text import PromptTokenizer
 from litedge.runtime.vae import OVERLAP, TILE, decode_latents
 
 log = logging.getLogger("litedge.runtime")
@@ -60,12 +62,8 @@ class Request:
     null_caption: bool
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 class Pipeline:
-    """Text-to-image (PixArt-like) or class-conditional (DiT-like) generation from a bundle."""
+    """Text-to-image (PixArt-like, SD3 / MM-EDiT) or class-conditional (DiT-like) generation from a bundle."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, device: Device, low_memory: bool = False) -> None:
         self.bundle_dir, self.manifest, self.device, self.low_memory = bundle_dir, manifest, device, low_memory
@@ -75,11 +73,11 @@ class Pipeline:
         self.patch_size = int(model.get("patch_size", 2))
         self.learned_sigma = bool(model.get("learned_sigma", False))
         self.kind = self._kind()
+        self.conditioner: Conditioner = CONDITIONERS[self.kind](self)
         self.vae_tile, self.vae_overlap = TILE, OVERLAP  # latent pixels; vae_tile = 0 never tiles
         self._sessions: dict[str, ComponentSession] = {}
-        self._text_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._tokenizer: PromptTokenizer | None = None
-        needed = ["transformer", "vae_decoder"] + (["text_encoder"] if self.kind == "pixart" else [])
+        self._text_cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        needed = ["transformer", "vae_decoder", *self.conditioner.required]
         missing = [n for n in needed if n not in manifest.components]
         if missing:
             raise LitedgeError(f"{bundle_dir}: the bundle has no {' or '.join(missing)} component, which image "
@@ -108,9 +106,9 @@ class Pipeline:
         meta = self.manifest.components.get("transformer")
         kind = (meta.meta.get("kind") if meta else None) or (
             "dit" if self.manifest.model.get("task") == "class-conditional" else "pixart")
-        if kind not in ("pixart", "dit"):
-            raise LitedgeError(f"{self.bundle_dir}: the runtime does not generate with {kind!r} transformers yet "
-                               "(text-to-image PixArt-like and class-conditional DiT-like bundles only)")
+        if kind not in CONDITIONERS:
+            raise LitedgeError(f"{self.bundle_dir}: the runtime does not generate with {kind!r} transformers "
+                               f"(expected one of {sorted(CONDITIONERS)}); upgrade litedge")
         return kind
 
     # ------------------------------------------------------------------ sessions
@@ -160,72 +158,44 @@ class Pipeline:
             raise LitedgeError(f"batch must be a positive integer, got {batch!r}")
         if not _is_int(seed) or seed < 0:
             raise LitedgeError(f"seed must be an integer >= 0, got {seed!r}")
-        self._check_condition(prompt, class_id, null_caption)
+        self.conditioner.check(prompt, class_id, null_caption)
         return Request(prompt, negative_prompt, int(height), int(width), int(steps), float(guidance_scale),
                        int(seed), int(batch), scheduler or self.manifest.scheduler.get("type", "dpmsolver++"),
                        class_id, null_caption)
 
-    def _check_condition(self, prompt, class_id, null_caption) -> None:
-        if self.kind == "dit":
-            classes = int(self.manifest.model.get("num_classes", 1000))
-            if prompt:
-                raise LitedgeError("this bundle is class-conditional: give a class id (--class ID), not a prompt")
-            if not _is_int(class_id) or not 0 <= class_id < classes:
-                raise LitedgeError(f"this bundle is class-conditional: class id must be an integer in "
-                                   f"[0, {classes}), got {class_id!r}; pass --class ID")
-        else:
-            if class_id is not None:
-                raise LitedgeError("this bundle is text-to-image: give a prompt, not a class id")
-            if not isinstance(prompt, str):
-                raise LitedgeError(f"prompt must be a string, got {type(prompt).__name__}")
-            if null_caption and "null_caption" not in self.manifest.components:
-                raise LitedgeError("this bundle has no null caption embedding: leave null_caption off "
-                                   "(the negative prompt is encoded instead)")
-
     def _scheduler(self, name: str) -> Scheduler:
         config = self.manifest.scheduler.get("config", {})
-        return scheduler_from_config(config, name=name)
+        scheduler = scheduler_from_config(config, name=name)
+        flow = self.manifest.model.get("prediction_type") == "flow"
+        if flow != isinstance(scheduler, FlowMatchEuler):
+            raise LitedgeError(f"scheduler {name!r} does not fit this bundle's {'flow-matching' if flow else 'noise'}"
+                               f"-prediction model; use {self.manifest.scheduler.get('type', 'the default')!r} "
+                               "or leave --scheduler out")
+        return scheduler
 
     # ------------------------------------------------------------------ conditioning
 
-    def encode_text(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts -> T5 features (B, L, D) float32 and mask (B, L) int64; cached, encoder released after."""
+    def encode_text(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Prompts -> the transformer's text inputs, one row per text (e.g. PixArt's
+        ``encoder_hidden_states`` (T, L, D) float32 and ``encoder_attention_mask`` (T, L) int64);
+        cached per text, text encoders released after."""
+        if not isinstance(self.conditioner, TextConditioner):
+            raise LitedgeError(f"this {self.kind!r} bundle is not conditioned on text: it has no text encoder")
         todo = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
         if todo:
-            if self._tokenizer is None:
-                self._tokenizer = PromptTokenizer.from_bundle(
-                    self.bundle_dir, self.manifest.tokenizer, int(self.manifest.model.get("text_max_length", 300)))
-            ids, mask = self._tokenizer(todo)  # (T, L) each
-            embeds = self._session("text_encoder").run(input_ids=ids, attention_mask=mask)  # (T, L, D)
-            self.release("text_encoder")
+            encoded = self.conditioner.encode(todo)  # name -> (len(todo), ...)
             for i, text in enumerate(todo):
-                self._text_cache[text] = (embeds[i:i + 1], mask[i:i + 1])
+                self._text_cache[text] = {name: value[i:i + 1] for name, value in encoded.items()}
         for text in texts:
             self._text_cache.move_to_end(text)
         while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(texts)):
             self._text_cache.popitem(last=False)
-        pairs = [self._text_cache[t] for t in texts]
-        return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-
-    def _null_caption(self) -> tuple[np.ndarray, np.ndarray]:
-        path = resolve_path(self.bundle_dir, self.manifest.components["null_caption"].file)
-        with np.load(path, allow_pickle=False) as data:
-            return data["embeds"].astype(np.float32), data["mask"].astype(np.int64)  # (1, L, D), (1, L)
+        rows = [self._text_cache[t] for t in texts]
+        return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
 
     def _conditioning(self, req: Request) -> dict[str, np.ndarray]:
         """The transformer's conditioning inputs, batch (2B: uncond then cond) or (B) without guidance."""
-        guided, B = req.guidance_scale != 1.0, req.batch
-        if self.kind == "dit":
-            null = int(self.manifest.model.get("num_classes", 1000))
-            labels = ([null] * B if guided else []) + [req.class_id] * B
-            return {"class_labels": np.asarray(labels, dtype=np.int64)}  # (2B,) or (B,)
-        texts = [req.negative_prompt, req.prompt] if guided and not req.null_caption else [req.prompt]
-        embeds, mask = self.encode_text(texts)  # (T, L, D), (T, L)
-        if guided and req.null_caption:
-            null_embeds, null_mask = self._null_caption()
-            embeds, mask = np.concatenate([null_embeds, embeds]), np.concatenate([null_mask, mask])
-        return {"encoder_hidden_states": np.repeat(embeds, B, axis=0),  # (T*B, L, D)
-                "encoder_attention_mask": np.repeat(mask, B, axis=0)}
+        return self.conditioner(req)
 
     # ------------------------------------------------------------------ the loop
 
@@ -283,7 +253,8 @@ class Pipeline:
                 unconditional pass).
             seed: initial noise ``default_rng(seed).standard_normal``; same seed + bundle +
                 device -> same pixels. ``latents`` (B, C, h, w) replaces that noise.
-            scheduler: ``dpmsolver++``, ``ddim`` or a diffusers class name; default the bundle's.
+            scheduler: ``dpmsolver++``, ``ddim`` (noise-prediction bundles), ``flow-euler`` (SD3 / MM-EDiT)
+                or a diffusers class name; default the bundle's.
             class_id: the ImageNet class of a class-conditional bundle (the null class is num_classes).
             null_caption: use the bundle's stored null caption embedding for the unconditional branch.
             progress: a tqdm bar on stderr with the time per step.
@@ -307,9 +278,8 @@ class Pipeline:
         return to_pil(images, self._metadata(req, given_latents=latents is not None))
 
     def _metadata(self, req: Request, given_latents: bool) -> list[dict]:
-        base = {k: v for k, v in asdict(req).items() if v is not None and k != "null_caption"}
-        if self.kind == "dit":
-            base.pop("prompt"), base.pop("negative_prompt")
+        base = self.conditioner.metadata(
+            {k: v for k, v in asdict(req).items() if v is not None and k != "null_caption"})
         base.update(bundle=self.bundle_dir.resolve().name, device=self.device.name, litedge=__version__)
         if given_latents:
             base["latents"] = "given"

@@ -99,9 +99,16 @@ class ComponentSession:
 
     def run(self, **feeds: np.ndarray) -> np.ndarray:
         """Run with named inputs (checked first); returns the first output."""
+        return self._run(self.output_names[:1], feeds)[0]
+
+    def run_all(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        """Run with named inputs (checked first); returns every output by name."""
+        return dict(zip(self.output_names, self._run(self.output_names, feeds)))
+
+    def _run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.check_inputs(feeds)
         start = time.perf_counter()
-        out = self.session.run(self.output_names[:1], feeds)[0]
+        out = self.session.run(names, feeds)
         self.run_seconds += time.perf_counter() - start
         self.runs += 1
         return out

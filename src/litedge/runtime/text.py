@@ -32,25 +32,32 @@ def normalize(text: str) -> str:
 class PromptTokenizer:
     """Encode prompts to fixed-length ``(ids, mask)``; pads with ``pad_id``, ends with ``eos_id``."""
 
-    def __init__(self, encode, pad_id: int, eos_id: int | None, max_length: int) -> None:
+    def __init__(self, encode, pad_id: int, eos_id: int | None, max_length: int, lowercase: bool = True) -> None:
         if max_length <= 0:
             raise LitedgeError(f"text_max_length must be a positive number of tokens, got {max_length}; "
                                "re-export the bundle")
         self._encode = encode  # str -> list[int], special tokens included, untruncated
-        self.pad_id, self.eos_id, self.max_length = pad_id, eos_id, max_length
+        self.pad_id, self.eos_id, self.max_length, self.lowercase = pad_id, eos_id, max_length, lowercase
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, spec: dict | None, max_length: int) -> PromptTokenizer:
-        """The tokenizer the manifest's ``tokenizer`` section names (``{"kind", "path"}``)."""
+    def from_bundle(cls, bundle_dir: str | Path, spec: dict | None, max_length: int,
+                    lowercase: bool = True) -> PromptTokenizer:
+        """The tokenizer the manifest's ``tokenizer`` section names (``{"kind", "path"}``).
+
+        ``lowercase``: :func:`normalize` prompts first (PixArt); False passes them as given (SD3).
+        """
         if not spec or "path" not in spec:
             raise LitedgeError("this text-to-image bundle has no tokenizer; re-export it from a pipeline "
                                "directory that has tokenizer/")
         folder = resolve_path(bundle_dir, spec["path"])
         if (folder / "tokenizer.json").is_file():
-            return cls._from_tokenizers(folder, max_length)
-        if (folder / "spiece.model").is_file():
-            return cls._from_sentencepiece(folder / "spiece.model", max_length)
-        raise LitedgeError(f"{folder}: neither tokenizer.json nor spiece.model; re-export the bundle")
+            tok = cls._from_tokenizers(folder, max_length)
+        elif (folder / "spiece.model").is_file():
+            tok = cls._from_sentencepiece(folder / "spiece.model", max_length)
+        else:
+            raise LitedgeError(f"{folder}: neither tokenizer.json nor spiece.model; re-export the bundle")
+        tok.lowercase = lowercase
+        return tok
 
     @classmethod
     def _from_tokenizers(cls, folder: Path, max_length: int) -> PromptTokenizer:
@@ -83,7 +90,7 @@ class PromptTokenizer:
         ids = np.full((len(texts), L), self.pad_id, dtype=np.int64)  # (B, L)
         mask = np.zeros((len(texts), L), dtype=np.int64)  # (B, L)
         for row, text in enumerate(texts):
-            tokens = self._encode(normalize(text))
+            tokens = self._encode(normalize(text) if self.lowercase else text)
             if len(tokens) > L:
                 log.warning("prompt %d is %d tokens but the model reads %d: the rest is ignored; shorten it",
                             row, len(tokens), L)
