@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from litedge.atomic import replace_dir
 from litedge.errors import LitedgeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -249,9 +250,7 @@ def cache_features(
                 "keys": keys, "text_max_length": text_max_length if text else None, "skipped": skipped,
                 "source": source if source is not None or isinstance(data, list) else str(Path(data).resolve())}
         (tmp / CACHE_INDEX).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from litedge.distill import losses as L
 from litedge.distill.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from litedge.distill.data import FeatureCache, cache_features, discover, is_cache, read_cache_info, step_indices
 from litedge.distill.logs import LossLog
+from litedge.atomic import atomic_directory
 from litedge.errors import LitedgeError
 from litedge.models.linearize import LinearizeConfig, LinearizeReport, linearize, linearize_, teacher_kind
 from litedge.models.student import save_transformer
@@ -388,8 +388,7 @@ class _Trainer:
     def write_student(self) -> Path:
         """RUN_DIR/student/: the teacher's pipeline with the student's transformer/ (atomic)."""
         out = self.run_dir / "student"
-        tmp = Path(tempfile.mkdtemp(prefix=".student.tmp-", dir=self.run_dir))
-        try:
+        with atomic_directory(out) as tmp:
             if self.pipeline_dir is not None:
                 for item in sorted(self.pipeline_dir.iterdir()):
                     if item.is_dir() and item.name != "transformer":
@@ -398,12 +397,6 @@ class _Trainer:
                         shutil.copy2(item, tmp / item.name)
             use_ema = self.cfg.student_weights == "ema" and self.ema is not None
             save_transformer(self.ema if use_ema else self.student, tmp / "transformer")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from litedge.atomic import atomic_directory
 from litedge.errors import LitedgeError
 from litedge.models.linearize import TEACHER_KINDS, LinearizeConfig, linearize_, linearize_config_of
 
@@ -43,28 +42,11 @@ def save_transformer(model: nn.Module, out_dir: str | os.PathLike, *, force: boo
     out = Path(out_dir)
     if out.exists() and not force:
         raise LitedgeError(f"{out} exists: pass force=True (--force) to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(model_config(model), indent=2, default=list))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place, replacing ``dst`` only once ``src`` is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def read_safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:
