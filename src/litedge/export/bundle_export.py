@@ -239,9 +239,11 @@ def export_bundle(cfg: ExportConfig) -> ExportReport:
             backend.vae_decoder(vae, writer)
         tokenizer = _export_text_encoders(loaded, backend, writer)
         backend.finish(writer)
-        size = cfg.sizes[0] if cfg.sizes else int(loaded.transformer.config.sample_size) * 8
+        model_section = _model_section(loaded, vae, cfg.text_max_length or base["text_max_length"])
+        # The model's native resolution: latent sample_size x the VAE's own factor (f4 demo VAE, f8 usual).
+        size = cfg.sizes[0] if cfg.sizes else model_section["sample_size"] * model_section["vae_scale_factor"]
         writer.set(
-            model=_model_section(loaded, vae, cfg.text_max_length or base["text_max_length"]),
+            model=model_section,
             target={"name": target.name, "format": target.format, "providers": list(target.providers),
                     "precision": target.precision,
                     "weights": "int4-block32" if options.weights == "int4" else options.weights},
