@@ -13,12 +13,19 @@ class; text encoders released right after) -> seeded Gaussian latents -> the den
 loop (classifier-free guidance with the unconditional half first, as diffusers'
 pipelines) -> VAE decode (tiled when large) -> uint8 images with their
 settings as metadata. ``low_memory=True`` keeps at most one component session alive.
+
+Static-shape bundles (directml, snapdragon) hold one graph per image size: the session of a
+component with ``meta["buckets"]`` is opened for the request's "HxW" (cached as
+``"name@HxW"``), other sizes are refused; prompts are tokenized to the graphs' fixed
+``meta["text_length"]``; a fixed batch (transformer 2 = cond + uncond, VAE 1) takes any
+number of rows in chunks (:class:`ComponentSession`), so guidance 1 and any ``batch`` work.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import dataclasses
 import sys
 import time
 from collections import OrderedDict
@@ -66,6 +73,7 @@ class Pipeline:
     """Text-to-image (PixArt-like, SD3 / MM-EDiT) or class-conditional (DiT-like) generation from a bundle."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, device: Device, low_memory: bool = False) -> None:
+        manifest = _static_text_length(manifest)
         self.bundle_dir, self.manifest, self.device, self.low_memory = bundle_dir, manifest, device, low_memory
         model = manifest.model
         self.latent_channels = int(model.get("latent_channels", 4))
@@ -113,18 +121,35 @@ class Pipeline:
 
     # ------------------------------------------------------------------ sessions
 
-    def _session(self, name: str) -> ComponentSession:
-        if name not in self._sessions:
+    def _session(self, name: str, size: tuple[int, int] | None = None) -> ComponentSession:
+        """The session of component ``name``; for a static component (``meta["buckets"]``), its
+        graph for the image ``size`` (height, width) in pixels, cached as ``"name@HxW"``."""
+        component = self.manifest.components[name]
+        bucket = None
+        if component.meta.get("buckets"):
+            if size is None:
+                raise LitedgeError(f"{name}: this static-shape component needs an image size to pick its graph")
+            bucket = f"{size[0]}x{size[1]}"
+        key = name if bucket is None else f"{name}@{bucket}"
+        if key not in self._sessions:
             if self.low_memory:
                 self.release()
-            self._sessions[name] = ComponentSession.open(
-                self.bundle_dir, name, self.manifest.components[name], self.device, self.low_memory)
-        return self._sessions[name]
+            self._sessions[key] = ComponentSession.open(
+                self.bundle_dir, name, component, self.device, self.low_memory, bucket=bucket)
+        return self._sessions[key]
+
+    def _image_session(self, name: str, latents: np.ndarray) -> ComponentSession:
+        """The session of ``name`` for latents (B, C, h, w): a static component's graph for that image size."""
+        if not self.manifest.components[name].meta.get("buckets"):
+            return self._session(name)
+        return self._session(name, (latents.shape[2] * self.vae_factor, latents.shape[3] * self.vae_factor))
 
     def release(self, *names: str) -> None:
-        """Close the named component sessions (all without names); they reopen when needed."""
-        for name in names or list(self._sessions):
-            session = self._sessions.pop(name, None)
+        """Close the named component sessions, every bucket of each (all without names); they reopen when needed."""
+        keys = list(self._sessions) if not names else \
+            [k for k in self._sessions if k in names or k.split("@", 1)[0] in names]
+        for key in keys:
+            session = self._sessions.pop(key, None)
             if session is not None:
                 session.close()
 
@@ -144,10 +169,10 @@ class Pipeline:
                 near = max(multiple, round(value / multiple) * multiple) if _is_int(value) else multiple * 64
                 raise LitedgeError(f"{name} {value!r} must be a positive multiple of {multiple} (VAE factor "
                                    f"{self.vae_factor} x patch size {self.patch_size}); try {near}")
-        shapes = self.manifest.components["transformer"].shapes
-        if shapes != "dynamic" and [height, width] not in shapes:
-            raise LitedgeError(f"this bundle was exported for the sizes {shapes} only (static shapes); got "
-                               f"{height}x{width}: pick one of them or re-export with --sizes")
+        sizes = self._static_sizes()
+        if sizes is not None and f"{height}x{width}" not in sizes:
+            raise LitedgeError(f"{height}x{width}: this static-shape bundle was exported for {', '.join(sizes)}: "
+                               "use one of those sizes or re-export with --sizes")
         if not _is_int(steps) or steps <= 0:
             raise LitedgeError(f"steps must be a positive integer, got {steps!r}; try 20")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
@@ -162,6 +187,21 @@ class Pipeline:
         return Request(prompt, negative_prompt, int(height), int(width), int(steps), float(guidance_scale),
                        int(seed), int(batch), scheduler or self.manifest.scheduler.get("type", "dpmsolver++"),
                        class_id, null_caption)
+
+    def _static_sizes(self) -> list[str] | None:
+        """The "HxW" sizes every static component has a graph for (None: any size)."""
+        sizes = None
+        for name in ("transformer", "vae_decoder"):
+            component = self.manifest.components[name]
+            buckets = component.meta.get("buckets")
+            if buckets:
+                keys = list(buckets)
+            elif component.shapes != "dynamic" and component.shapes:
+                keys = [f"{h}x{w}" for h, w in component.shapes]
+            else:
+                continue
+            sizes = keys if sizes is None else [k for k in sizes if k in keys]
+        return sizes
 
     def _scheduler(self, name: str) -> Scheduler:
         config = self.manifest.scheduler.get("config", {})
@@ -206,7 +246,7 @@ class Pipeline:
         ``cond`` holds the transformer's conditioning inputs for 2B rows (unconditional
         first) when ``guidance_scale != 1``, else for B rows; ``scheduler`` has its timesteps set.
         """
-        transformer = self._session("transformer")
+        transformer = self._image_session("transformer", latents)
         guided = guidance_scale != 1.0
         t_dtype = transformer.dtype("timestep")
         latents = (latents * scheduler.init_noise_sigma).astype(np.float32)
@@ -223,10 +263,11 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32 in [-1, 1] (tiled when large)."""
-        vae = self._session("vae_decoder")
-        name = next(iter(vae.component.inputs), "latent")
+        vae = self._image_session("vae_decoder", latents)
+        name = next(iter(vae.inputs), "latent")
+        tile = 0 if vae.bucket is not None else self.vae_tile  # a static graph decodes its whole size
         return decode_latents(lambda z: vae.run(**{name: np.ascontiguousarray(z, dtype=np.float32)}),
-                              latents, self.vae_factor, self.vae_tile, self.vae_overlap)
+                              latents, self.vae_factor, tile, self.vae_overlap)
 
     def initial_latents(self, req: Request, latents: np.ndarray | None = None) -> np.ndarray:
         """Standard normal (B, C, h, w) float32 from ``numpy.random.default_rng(seed)``, or ``latents`` checked."""
@@ -290,6 +331,26 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _static_text_length(manifest: Manifest) -> Manifest:
+    """The manifest with ``model["text_max_length"]`` set to the static graphs' fixed prompt
+    length (``meta["text_length"]`` of the text encoder, else the transformer), so prompts are
+    padded / cut (with a warning) to what the graphs take. SD3's transformer length is the
+    joint CLIP + T5 sequence; its T5 gets the rest. Dynamic bundles come back unchanged."""
+    comps = manifest.components
+    kind = (comps["transformer"].meta.get("kind") if "transformer" in comps else None) or "pixart"
+    if kind == "sd3":
+        clip = int(manifest.model.get("clip_max_length", 77))
+        t5 = comps["text_encoder_3"].meta.get("text_length") if "text_encoder_3" in comps else None
+        joint = comps["transformer"].meta.get("text_length") if "transformer" in comps else None
+        length = t5 if t5 is not None else (int(joint) - clip if joint is not None else None)
+    else:
+        length = next((comps[n].meta.get("text_length") for n in ("text_encoder", "transformer")
+                       if n in comps and comps[n].meta.get("text_length") is not None), None)
+    if kind == "dit" or length is None or int(length) == manifest.model.get("text_max_length"):
+        return manifest
+    return dataclasses.replace(manifest, model={**manifest.model, "text_max_length": int(length)})
 
 
 def _progress(timesteps: Iterable, enabled: bool) -> Iterator:
