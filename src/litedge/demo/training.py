@@ -48,6 +48,7 @@ from litedge.distill import losses as L
 from litedge.distill.checkpoint import checkpoint_name
 from litedge.distill.data import step_indices
 from litedge.distill.trainer import model_kwargs
+from litedge.atomic import replace_dir
 from litedge.errors import LitedgeError
 from litedge.models.configs import _pixart_sigma
 
@@ -250,9 +251,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, 
             save_model(module, str(tmp / f"{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a re-save of the same step (a resumed run that went back) replaces it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

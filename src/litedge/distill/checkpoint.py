@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from litedge.atomic import replace_dir
 from litedge.errors import LitedgeError
 from litedge.models.student import load_state_dict_checked, read_safetensors_weights, save_transformer
 
@@ -89,9 +90,7 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
         _fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step (a resumed run that went back): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a re-save of the same step (a resumed run that went back) replaces it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
