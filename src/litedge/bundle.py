@@ -514,18 +514,8 @@ def _fsync_tree(root: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         paths += [Path(dirpath, n) for n in dirnames + filenames]
     for p in paths:
-        if p.is_symlink():
-            continue
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if not p.is_symlink():
+            _fsync_path(p)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -696,7 +686,7 @@ class BundleWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(part, tmp / MANIFEST_NAME)
-        _fsync_dir(tmp)
+        _fsync_path(tmp)  # make the manifest's rename durable
         self._move_into_place(tmp)
         return True
 
@@ -722,13 +712,13 @@ class BundleWriter:
                 raise LitedgeError(f"cannot move the finished bundle to {out} ({e.strerror}); "
                                    "remove what is there, or choose another output path") from None
             raise
-        _fsync_dir(out.parent)
+        _fsync_path(out.parent)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+def _fsync_path(path: Path) -> None:
+    """fsync one file or directory, best effort (a no-op where it cannot be opened, e.g. directories off POSIX)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
