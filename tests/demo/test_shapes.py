@@ -114,13 +114,23 @@ def test_train_and_eval_are_disjoint():
     evals = eval_prompts(500, 0)
     train_captions = {s.caption for s in train}
     train_layouts = {s.objects for s in train}
-    for scene in evals:
+    for scene in evals:  # every category holds captions out: no eval prompt is a training caption
         assert scene.objects not in train_layouts
-        if shapes.HOLDOUT[scene.category]:
-            assert split_of(scene.caption) == "eval" and scene.caption not in train_captions
+        assert split_of(scene.caption) == "eval" and scene.caption not in train_captions
     assert all(split_of(s.caption) == "train" for s in train)
-    held = [c for c in CATEGORIES if shapes.HOLDOUT[c]]
-    assert {s.category for s in evals if s.caption not in train_captions} == set(held)
+    assert {s.category for s in evals} == set(CATEGORIES)
+
+
+def test_every_word_of_the_eval_prompts_occurs_in_training():
+    train_words = {w for s in shapes._scenes(2000, 0, "train") for w in s.caption.split()}
+    eval_words = {w for s in eval_prompts(500, 0) for w in s.caption.split()}
+    assert eval_words <= train_words
+
+
+def test_held_out_caption_counts():
+    for category, expected in zip(CATEGORIES, (6, 8, 18, 36, 244)):
+        captions = {shapes.caption_of(s) for s in shapes._all_specs(category)}
+        assert sum(split_of(c) == "eval" for c in captions) == expected, category
 
 
 def test_write_dataset_and_cli(tmp_path, capsys):

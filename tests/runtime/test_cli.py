@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from litedge.cli import generate as generate_cli
 from litedge.cli.generate import main
 from litedge.runtime import read_metadata
 
@@ -76,7 +77,8 @@ def _corrupt(d):
     ("device", ["--bundle", "{b}", "--device", "cuda"], "device 'cuda' is not available"),
     ("class", ["--bundle", "{b}", "--class", "3"], "text-to-image"),
 ])
-def test_bad_input_one_line_exit_2_no_output(case, argv, message, pixart_bundle, tmp_path, capsys):
+def test_bad_input_one_line_exit_2_no_output(case, argv, message, pixart_bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generate_cli, "DEMO_BUNDLE", tmp_path / "unshipped.litedge")  # "no bundle": demo absent
     places = {"tmp": tmp_path, "b": pixart_bundle,
               "v99": _edited_copy(pixart_bundle, tmp_path, _version_99) if case == "version" else None,
               "corrupt": _edited_copy(pixart_bundle, tmp_path, _corrupt) if case == "sha256" else None}

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from litedge.cli import run_command
+from litedge.demo import DEMO_BUNDLE
 from litedge.errors import LitedgeError
 
-DEFAULT_BUNDLE: str | None = None  # the demo bundle, once one is published
 DEVICES = ("auto", "cpu", "cuda", "directml", "qnn", "coreml")
 
 
@@ -43,7 +43,8 @@ class GenerateConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lit-generate", description="Generate images from a litedge bundle.")
     p.add_argument("prompt", nargs="?", default="", help="the text prompt (omit for class-conditional bundles)")
-    p.add_argument("--bundle", type=Path, default=None, help="NAME.litedge directory made by lit-export")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="NAME.litedge directory made by lit-export (default: the shipped 64 px shapes demo model)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the bundle's)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the bundle's)")
     p.add_argument("--size", type=int, help="square images of this many pixels (instead of --height/--width)")
@@ -86,9 +87,10 @@ def config_from_args(args: argparse.Namespace) -> GenerateConfig:
     width = args.size if args.size is not None else (args.width if args.width is not None else args.height)
     if args.width is not None and args.height is None:
         height = args.width
-    bundle = args.bundle if args.bundle is not None else DEFAULT_BUNDLE
-    if bundle is None:
-        raise LitedgeError("no bundle: pass --bundle PATH (a NAME.litedge folder made by lit-export)")
+    bundle = args.bundle if args.bundle is not None else DEMO_BUNDLE
+    if args.bundle is None and not (DEMO_BUNDLE / "manifest.json").is_file():
+        raise LitedgeError(f"no bundle: pass --bundle PATH (a NAME.litedge folder made by lit-export); the demo "
+                           f"bundle {DEMO_BUNDLE} is missing (python -m litedge.demo.build all rebuilds it)")
     if not isinstance(args.batch, int) or args.batch <= 0:
         raise LitedgeError(f"--batch must be a positive integer, got {args.batch}")
     return GenerateConfig(

@@ -12,7 +12,7 @@ Stages (``all`` runs them in order and skips the ones already done):
     export   teacher and student, fp32 and int4 CPU bundles                       -> DIR/bundles/
     eval     ShapesEval on held-out prompts through the torch-free runtime, latency
              at 256 and 512 px, a sample grid                          -> DIR/eval.json, DIR/samples.png
-    ship     the student int4 bundle (+ its pipeline weights when all fit in 25 MB) -> demo/
+    ship     the student int4 bundle (+ its pipeline weights when all fit in 25 MB) -> litedge/demo/model/
 
 Each stage writes ``DIR/<stage>/done.json`` (its figures and time) last; a training stage
 keeps checkpoints in ``DIR/runs/<stage>/`` and continues from them with ``--resume``
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from litedge.cli import run_command
+from litedge.demo import MODEL_DIR
 from litedge.demo.shapes import CATEGORIES, eval_prompts, write_dataset
 from litedge.errors import LitedgeError
 
@@ -44,7 +45,6 @@ STAGES = ("data", "vae", "teacher", "student", "export", "eval", "ship")
 TRAINING = {"vae": "vae_steps", "teacher": "teacher_steps", "student": "student_steps"}
 BUNDLES = tuple(f"{m}-{w}" for m in ("teacher", "student") for w in ("fp32", "int4"))
 SHIP_LIMIT_BYTES = 25 * 1024 * 1024
-REPO_DEMO = Path(__file__).resolve().parents[3] / "demo"
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class BuildConfig:
     samples: int | None = None
     resume: bool = False
     force: bool = False
-    ship_to: Path = REPO_DEMO
+    ship_to: Path = MODEL_DIR
     seed: int = 0
     threads: int | None = None  # torch CPU threads (1 can be much faster on a shared, loaded machine)
     progress: bool = True
@@ -509,11 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (training stages)")
     p.add_argument("--steps", type=int, help="training steps of the vae / teacher / student stage (default: preset)")
     p.add_argument("--batch", type=int, help="batch size of the training stages (default: preset)")
-    p.add_argument("--samples", type=int, help="training images (default: preset, 50000)")
+    p.add_argument("--samples", type=int, help="training images (default: preset, 25000)")
     p.add_argument("--resume", action="store_true", help="continue a training stage from its newest checkpoint")
     p.add_argument("--force", action="store_true", help="delete the stage's outputs and run it again")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and 3 steps (tests)")
-    p.add_argument("--ship-to", type=Path, default=REPO_DEMO, help="ship destination (default: the repo's demo/)")
+    p.add_argument("--ship-to", type=Path, default=MODEL_DIR,
+                   help="ship destination (default: the package's litedge/demo/model/, lit-generate's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true")

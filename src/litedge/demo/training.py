@@ -71,27 +71,27 @@ class Preset:
     image_size: int = 64
     vae_channels: tuple[int, ...] = (16, 32, 64)  # len 3 -> f4; (32, 64, 64) is 2.4x slower on CPU
     vae_norm_groups: int = 8
-    vae_steps: int = 5_000
+    vae_steps: int = 2_000
     vae_batch: int = 16
-    vae_lr: float = 5e-4
+    vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-5
     vae_edge_weight: float = 0.5
-    width: int = 192
-    heads: int = 6
+    width: int = 128
+    heads: int = 4
     layers: int = 6
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 4
     text_max_length: int = 16  # longest caption: 10 words + </s>
-    teacher_steps: int = 20_000
-    teacher_batch: int = 64
-    teacher_lr: float = 2e-4
+    teacher_steps: int = 12_000
+    teacher_batch: int = 32
+    teacher_lr: float = 5e-4
     caption_dropout: float = 0.1
-    student_steps: int = 5_000
-    student_batch: int = 64
-    student_lr: float = 1e-4
+    student_steps: int = 3_000
+    student_batch: int = 32
+    student_lr: float = 2e-4
     student_heads: int = 2
-    warmup: int = 500
+    warmup: int = 300
     ema: float = 0.9999
     save_every: int = 500
     eval_steps: int = 20
@@ -106,7 +106,7 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset("full", samples=50_000, eval_prompts=250),
+    "full": Preset("full", samples=25_000, eval_prompts=250),
     "tiny": Preset("tiny", samples=64, eval_prompts=10, vae_channels=(8, 16, 16), vae_norm_groups=4, vae_steps=3,
                    vae_batch=4, width=32, heads=2, layers=2, text_width=32, text_layers=1, text_heads=2,
                    teacher_steps=3, teacher_batch=4, student_steps=3, student_batch=4, warmup=1, save_every=2,
