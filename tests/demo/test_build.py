@@ -121,6 +121,8 @@ def test_teacher_resume_continues_its_step_count(built, tmp_path):
     assert B.run_stage(cfg(), "teacher")["steps"] == 3  # done: kept without --resume
     figures = B.run_stage(cfg(resume=True), "teacher")
     assert figures["start_step"] == 3 and figures["new_steps"] == 2 and figures["steps"] == 5
+    first = json.loads((src / "teacher" / "done.json").read_text())["train_seconds"]
+    assert figures["train_seconds"] == pytest.approx(first + figures["seconds"], abs=0.5)  # both runs counted
     rows = [json.loads(line) for line in (work / "runs" / "teacher" / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert (work / "runs" / "teacher" / "checkpoints" / "latest").read_text() == "step-000005"

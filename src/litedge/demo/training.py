@@ -319,11 +319,12 @@ def train_resumable(run_dir: Path, model: nn.ModuleDict, loss_fn: Callable[[nn.M
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    latest, start = latest_checkpoint(run_dir), 0
+    latest, start, earlier_seconds = latest_checkpoint(run_dir), 0, 0.0
     if latest is not None and not cfg.resume:
         raise LitedgeError(f"{run_dir} has checkpoint {latest.name}: pass --resume to continue it or --force to restart")
     if latest is not None:
         start = load_checkpoint(latest, model, ema, optimizer)
+        earlier_seconds = float(json.loads((latest / "state.json").read_text()).get("train_seconds", 0.0))
     log_path = run_dir / "losses.jsonl"
     rows = [r for r in _read_rows(log_path) if r["step"] <= start]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -344,10 +345,13 @@ def train_resumable(run_dir: Path, model: nn.ModuleDict, loss_fn: Callable[[nn.M
         bar.set_postfix(loss=f"{last['total']:.4f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             _write_rows(log_path, rows)
-            save_checkpoint(run_dir, step + 1, model, ema, optimizer, {"desc": cfg.desc})
+            save_checkpoint(run_dir, step + 1, model, ema, optimizer,
+                            {"desc": cfg.desc, "train_seconds": earlier_seconds + time.perf_counter() - t0})
     seconds = time.perf_counter() - t0
     new = max(cfg.steps - start, 0)
+    # train_seconds: this run and the runs it resumed (checkpoints written before it was recorded count 0)
     return ema, {"steps": max(cfg.steps, start), "start_step": start, "new_steps": new, "seconds": round(seconds, 2),
+                 "train_seconds": round(earlier_seconds + seconds, 2),
                  "steps_per_s": round(new / seconds, 3) if new else None, "final_losses": last}
 
 
