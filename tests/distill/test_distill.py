@@ -134,3 +134,29 @@ def test_run_exports_with_lit_export_and_generates_with_lit_generate(lit_run, tm
 
     with Image.open(image) as png:
         assert png.size == (64, 64) and "a red square" in png.text["litedge"]
+
+
+def test_cache_is_rebuilt_when_the_teachers_encoders_change(pixart_teacher, shapes_data, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher, out = tmp_path / "teacher", tmp_path / "run"
+    shutil.copytree(pixart_teacher, teacher)
+    base = dict(teacher=str(teacher), family="lit", data=str(shapes_data), out=str(out), save_every=1, **FAST)
+    index = out / "cache" / "64px" / "cache.json"
+
+    def features():
+        shard = sorted(index.parent.glob("*.safetensors"))[0]
+        return load_file(shard)["encoder_hidden_states"]
+
+    distill(DistillConfig(steps=1, **base))
+    first, first_meta = features(), index.read_text()
+    distill(DistillConfig(steps=2, resume=True, **base))
+    assert index.read_text() == first_meta  # same encoders: the cache is reused
+    weights = next((teacher / "text_encoder").glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v * 1.5 for k, v in state.items()}, str(weights), metadata={"format": "pt"})  # a retrained encoder
+    distill(DistillConfig(steps=3, resume=True, **base))
+    assert json.loads(index.read_text())["encoders"] != json.loads(first_meta)["encoders"]
+    assert not torch.allclose(features(), first)  # features of the new encoder, not the stale ones

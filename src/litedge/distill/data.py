@@ -142,6 +142,7 @@ class CacheInfo:
     skipped: list[str] = field(default_factory=list)
     source: str | None = None
     text_max_length: int | None = None
+    encoders: str | None = None  # fingerprint of the VAE / text encoder that made the features
 
 
 def read_cache_info(path: Path) -> CacheInfo:
@@ -150,7 +151,7 @@ def read_cache_info(path: Path) -> CacheInfo:
     if meta.get("format") != CACHE_FORMAT:
         raise LitedgeError(f"{index}: not a litedge feature cache (format {meta.get('format')!r})")
     return CacheInfo(Path(path), meta["count"], meta["resolution"], meta["keys"], meta.get("skipped", []),
-                     meta.get("source"), meta.get("text_max_length"))
+                     meta.get("source"), meta.get("text_max_length"), meta.get("encoders"))
 
 
 def _encode_text(captions: list[str], text_encoder, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
@@ -184,6 +185,7 @@ def cache_features(
     batch_size: int = 8,
     progress: bool = False,
     source: str | None = None,
+    encoders: str | None = None,
 ) -> CacheInfo:
     """Encode ``data`` once into safetensors shards under ``out_dir`` (written atomically).
 
@@ -195,6 +197,8 @@ def cache_features(
         text_max_length: tokens per caption (PixArt-Sigma: 300), padded, with a mask.
         source: recorded in cache.json (default: ``data`` when it is a path) so a run can
             tell a cache of other data.
+        encoders: recorded in cache.json, so a run can tell features of other encoders
+            (see ``litedge.distill.trainer.encoders_fingerprint``).
 
     Returns:
         CacheInfo; images that fail to decode are skipped and listed in ``skipped``.
@@ -248,7 +252,8 @@ def cache_features(
             raise LitedgeError(f"none of the {len(samples)} images could be decoded (first: {skipped[0]})")
         meta = {"format": CACHE_FORMAT, "version": 1, "count": count, "resolution": resolution,
                 "keys": keys, "text_max_length": text_max_length if text else None, "skipped": skipped,
-                "source": source if source is not None or isinstance(data, list) else str(Path(data).resolve())}
+                "source": source if source is not None or isinstance(data, list) else str(Path(data).resolve()),
+                "encoders": encoders}
         (tmp / CACHE_INDEX).write_text(json.dumps(meta, indent=2))
         replace_dir(tmp, out)
     except BaseException:

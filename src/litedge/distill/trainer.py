@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -181,12 +182,31 @@ def load_pipeline_components(pipeline_dir: Path, text: bool):
     return vae, encoder, tokenizer
 
 
-def _cache_fits(path: Path, source: str, text_max_length: int) -> bool:
-    """A cache in the run directory is reused only for the same data and caption length."""
+ENCODER_PARTS = ("vae", "text_encoder", "tokenizer")
+
+
+def encoders_fingerprint(pipeline_dir: Path) -> str:
+    """sha256 over (path, size, mtime) of the files of the pipeline's vae/, text_encoder/, tokenizer/.
+
+    Cheap (no weights are read) and changes when any of them is retrained or replaced, so a
+    cached feature set is never reused with encoders other than those that made it.
+    """
+    digest = hashlib.sha256()
+    for part in ENCODER_PARTS:
+        folder = pipeline_dir / part
+        for f in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if f.is_file():
+                stat = f.stat()
+                digest.update(f"{f.relative_to(pipeline_dir).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _cache_fits(path: Path, source: str, text_max_length: int, encoders: str | None) -> bool:
+    """A cache in the run directory is reused only for the same data, caption length and encoders."""
     if not is_cache(path):
         return False
     info = read_cache_info(path)
-    return info.source == source and info.text_max_length in (None, text_max_length)
+    return info.source == source and info.text_max_length in (None, text_max_length) and info.encoders == encoders
 
 
 def prepare_cache(cfg: DistillConfig, pipeline_dir: Path | None, d: _Dist) -> FeatureCache:
@@ -195,7 +215,8 @@ def prepare_cache(cfg: DistillConfig, pipeline_dir: Path | None, d: _Dist) -> Fe
         return FeatureCache(cfg.data)
     target = Path(cfg.out) / "cache" / f"{cfg.resolution}px"
     source = str(Path(cfg.data).resolve())
-    if d.main and not _cache_fits(target, source, cfg.text_max_length):
+    encoders = encoders_fingerprint(pipeline_dir) if pipeline_dir is not None else None
+    if d.main and not _cache_fits(target, source, cfg.text_max_length, encoders):
         samples = discover(cfg.data, allow_missing_captions=cfg.allow_missing_captions)
         if pipeline_dir is None:
             raise LitedgeError(
@@ -204,7 +225,8 @@ def prepare_cache(cfg: DistillConfig, pipeline_dir: Path | None, d: _Dist) -> Fe
             )
         vae, encoder, tokenizer = load_pipeline_components(pipeline_dir, text=samples[0].label is None)
         info = cache_features(samples, vae, encoder, tokenizer, target, cfg.resolution,
-                              text_max_length=cfg.text_max_length, progress=cfg.progress, source=source)
+                              text_max_length=cfg.text_max_length, progress=cfg.progress, source=source,
+                              encoders=encoders)
         if info.skipped:
             print(f"lit-distill: skipped {len(info.skipped)} image(s) that failed to decode, e.g. {info.skipped[0]}",
                   file=sys.stderr)
