@@ -63,6 +63,7 @@ def test_pipelines_load_with_project_loaders(built):
     assert vae.config.scaling_factor == pytest.approx(json.loads((work / "vae" / "done.json").read_text())["scaling_factor"])
     assert (built / "ship" / "shapes-lit" / "model_index.json").is_file()
     assert load_model(built / "ship" / "shapes-lit").family == "lit"
+    assert load_model(built / "ship" / "shapes-teacher-transformer").family == "softmax"
 
 
 @pytest.mark.parametrize("name", [*B.BUNDLES, "shipped"])

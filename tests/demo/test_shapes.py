@@ -121,6 +121,14 @@ def test_train_and_eval_are_disjoint():
     assert {s.category for s in evals} == set(CATEGORIES)
 
 
+def test_tuning_prompts_are_training_captions_in_new_layouts():
+    tune = shapes.tuning_prompts(500, 0)
+    train_layouts = {s.objects for s in shapes._scenes(2000, 0, "train")}
+    assert all(split_of(s.caption) == "train" for s in tune)  # never an evaluation caption
+    assert not any(s.objects in train_layouts for s in tune)
+    assert [s.category for s in tune[:5]] == list(CATEGORIES)
+
+
 def test_every_word_of_the_eval_prompts_occurs_in_training():
     train_words = {w for s in shapes._scenes(2000, 0, "train") for w in s.caption.split()}
     eval_words = {w for s in eval_prompts(500, 0) for w in s.caption.split()}

@@ -51,3 +51,20 @@ def test_attention_taps_record_one_output_per_block():
     with torch.no_grad():
         model(**kw)
     assert taps.outputs == []  # hooks removed on exit
+
+
+def test_min_snr_weights_against_closed_form():
+    s = L.DDPMSchedule.linear()
+    t = torch.tensor([0, 50, 150, 400, 999])
+    w = L.min_snr_weights(s, t, gamma=5.0)
+    acp = s.alphas_cumprod[t]
+    snr = acp / (1 - acp)
+    expected = torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr))
+    assert torch.allclose(w.double(), expected, rtol=1e-6)
+    assert w[0] < 1e-2 and w[-1] == 1.0  # the least noisy step nearly off, the noisiest at full weight
+
+
+def test_weighted_epsilon_mse_is_per_sample():
+    pred, noise = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
+    assert L.epsilon_mse(pred, noise, torch.ones(2)) == L.epsilon_mse(pred, noise) == 2.5
+    assert L.epsilon_mse(pred, noise, torch.tensor([1.0, 0.0])) == 0.5  # (1 * 1 + 0 * 4) / 2

@@ -92,6 +92,14 @@ def test_random_weights_config_export(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["model"]["task"] == "class-conditional"
 
 
+def test_sampling_defaults_are_recorded(tmp_path, capsys):
+    out = tmp_path / "d.litedge"
+    argv = ["--config", "tiny-LiT-T2I-XL", "--random-weights", "--weights", "fp", "--steps", "3", "--guidance", "2.5"]
+    assert _export([*argv, "-o", out], capsys)[0] == 0
+    defaults = verify_bundle(out).defaults  # what the runtime takes when a request leaves them out
+    assert defaults["steps"] == 3 and defaults["guidance_scale"] == 2.5
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -99,6 +107,8 @@ def test_random_weights_config_export(tmp_path, capsys):
         (["--config", "tiny-LiT-T2I-XL", "--random-weights", "--sizes", "500"], "multiples of 16"),
         (["--config", "nope", "--random-weights"], "unknown config 'nope'"),
         (["--config", "tiny-LiT-T2I-XL"], "--random-weights go together"),
+        (["--config", "tiny-LiT-T2I-XL", "--random-weights", "--steps", "0"], "default step count >= 1"),
+        (["--config", "tiny-LiT-T2I-XL", "--random-weights", "--guidance", "-1"], "guidance scale >= 0"),
     ],
 )
 def test_bad_arguments_give_one_line(argv, message, tmp_path, capsys):

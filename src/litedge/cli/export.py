@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hub", dest="hub_device", metavar="DEVICE",
                         help="snapdragon: also compile and profile on this Qualcomm AI Hub device (needs a qai-hub token)")
     parser.add_argument("--text-max-length", type=int, help="prompt tokens (default: the base model's, 300 for PixArt-Sigma)")
+    parser.add_argument("--steps", type=int, help="default denoising steps recorded in the bundle (default: the base "
+                        "pipeline's, 20 for PixArt-Sigma); lit-generate --steps overrides it")
+    parser.add_argument("--guidance", type=float, dest="guidance_scale",
+                        help="default classifier-free guidance scale recorded in the bundle (default: the base "
+                        "pipeline's, 4.5 for PixArt-Sigma); lit-generate --guidance overrides it")
     parser.add_argument("-o", "--output", dest="out", type=Path, required=True, help="bundle directory to write (NAME.litedge)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
     return parser
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ExportConfig(
             out=args.out, source=args.source, config_name=args.config_name, target=args.target, weights=args.weights,
             sizes=args.sizes, keep_fp=tuple(args.keep_fp), soc=args.soc, hub_device=args.hub_device, force=args.force,
-            text_max_length=args.text_max_length,
+            text_max_length=args.text_max_length, steps=args.steps, guidance_scale=args.guidance_scale,
         )
         report = export_bundle(cfg)
         for name, fid in report.fidelity.items():

@@ -12,7 +12,8 @@ Stages (``all`` runs them in order and skips the ones already done):
     export   teacher and student, fp32 and int4 CPU bundles                       -> DIR/bundles/
     eval     ShapesEval on held-out prompts through the torch-free runtime, latency
              at 256 and 512 px, a sample grid                          -> DIR/eval.json, DIR/samples.png
-    ship     the student int4 bundle (+ its pipeline weights when all fit in 25 MB) -> litedge/demo/model/
+    ship     the student int4 bundle (+ its pipeline weights, + the teacher's transformer, while
+             all fit in 25 MB)                                                  -> litedge/demo/model/
 
 Each stage writes ``DIR/<stage>/done.json`` (its figures and time) last; a training stage
 keeps checkpoints in ``DIR/runs/<stage>/`` and continues from them with ``--resume``
@@ -286,7 +287,7 @@ def stage_teacher(cfg: BuildConfig, paths: Paths) -> dict:
 
     model = nn.ModuleDict({"transformer": T.make_teacher(p, cfg.seed), "text_encoder": T.make_text_encoder(p, cfg.seed)})
     loop = T.LoopConfig(cfg.steps_of("teacher"), p.teacher_lr, p.warmup, p.ema, p.save_every, cfg.resume, cfg.device,
-                        "teacher", cfg.seed, cfg.progress)
+                        "teacher", cfg.seed, cfg.progress, p.final_lr)
     ema, figures = T.train_resumable(paths.run("teacher"), model, loss, loop)
     write_pipeline(paths.stage("teacher"), ema["transformer"], ema["text_encoder"], tokenizer, paths.stage("vae"))
     loaded = load_model(paths.stage("teacher"))  # reload what was written
@@ -346,7 +347,8 @@ def stage_export(cfg: BuildConfig, paths: Paths) -> dict:
             print(f"export: {name}", file=sys.stderr)
             export_bundle(ExportConfig(out=out, source=paths.stage(model), target="cpu",
                                        weights="fp" if precision == "fp32" else "int4",
-                                       text_max_length=cfg.p.text_max_length, force=True))
+                                       text_max_length=cfg.p.text_max_length, steps=cfg.p.eval_steps,
+                                       guidance_scale=cfg.p.guidance, force=True))
         manifest = verify_bundle(out)
         figures[name] = {"mb": round(_dir_bytes(out) / 2**20, 3), "fidelity": manifest.fidelity}
     return figures
@@ -440,6 +442,13 @@ def stage_ship(cfg: BuildConfig, paths: Paths) -> dict:
         _atomic_dir(dest / "shapes-lit", lambda tmp: shutil.copytree(
             pipeline, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("done.json")))
         shipped["shapes-lit"] = pipeline_bytes
+    # The teacher's transformer too, when it fits: the slowest stage to redo, and with shapes-lit/'s
+    # vae, text encoder and tokenizer (the student's are the teacher's) it is the whole teacher.
+    teacher = paths.stage("teacher") / "transformer"
+    teacher_bytes = _dir_bytes(teacher)
+    if "shapes-lit" in shipped and sum(shipped.values()) + teacher_bytes <= SHIP_LIMIT_BYTES - (1 << 20):
+        _atomic_dir(dest / "shapes-teacher-transformer", lambda tmp: shutil.copytree(teacher, tmp, dirs_exist_ok=True))
+        shipped["shapes-teacher-transformer"] = teacher_bytes
     for src, name in ((paths.eval_json, "shapes-lit-eval.json"), (paths.grid, "shapes-lit-samples.png")):
         shutil.copy2(src, dest / name)
         shipped[name] = (dest / name).stat().st_size

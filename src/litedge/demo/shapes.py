@@ -84,7 +84,7 @@ SUPERSAMPLE = 4  # sub-pixels per pixel side: mild anti-aliasing
 _MAX_TRIES = 10_000
 
 Split = Literal["train", "eval", "any"]
-_STREAMS = {"train": 0, "eval": 1}
+_STREAMS = {"train": 0, "eval": 1, "tune": 2}
 
 
 @dataclass(frozen=True)
@@ -363,11 +363,15 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
 # ----------------------------------------------------------------------------- datasets
 
 
-def _scenes(n: int, seed: int, split: Literal["train", "eval"]) -> list[Scene]:
-    """Item i uses its own stream SeedSequence(seed, spawn_key=(stream, i)); categories cycle."""
+def _scenes(n: int, seed: int, stream: Literal["train", "eval", "tune"]) -> list[Scene]:
+    """Item i uses its own stream SeedSequence(seed, spawn_key=(stream, i)); categories cycle.
+
+    The "tune" stream draws training captions (new layouts of them), never evaluation ones.
+    """
+    split = "train" if stream == "tune" else stream
     scenes = []
     for i in range(n):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STREAMS[split], i)))
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STREAMS[stream], i)))
         scenes.append(sample_scene(rng, CATEGORIES[i % len(CATEGORIES)], split))
     return scenes
 
@@ -383,6 +387,12 @@ def make_dataset(n: int, seed: int, size: int = 64) -> list[tuple[Image.Image, S
 def eval_prompts(n: int, seed: int) -> list[Scene]:
     """``n`` evaluation scenes, balanced over CATEGORIES, disjoint from training (module docstring)."""
     return _scenes(n, seed, "eval")
+
+
+def tuning_prompts(n: int, seed: int) -> list[Scene]:
+    """``n`` scenes with training captions, balanced over CATEGORIES, for choosing sampling settings
+    (guidance, steps) without looking at the evaluation prompts; their layouts are not training items'."""
+    return _scenes(n, seed, "tune")
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int, size: int = 64) -> Path:

@@ -73,8 +73,23 @@ def split_learned_sigma(output: torch.Tensor, in_channels: int) -> tuple[torch.T
     return output, None
 
 
-def epsilon_mse(pred_eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred_eps.float(), noise.float())
+def epsilon_mse(pred_eps: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of (B, C, H, W) noise predictions; ``weights`` (B,) scale each sample's term."""
+    if weights is None:
+        return F.mse_loss(pred_eps.float(), noise.float())
+    per_sample = (pred_eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # (B,)
+    return (weights.to(per_sample) * per_sample).mean()
+
+
+def min_snr_weights(schedule: DDPMSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of the epsilon loss (Hang et al., 2023): min(SNR_t, gamma) / SNR_t, (B,) float32.
+
+    1 where the sample is noisier than SNR = gamma, smaller at low noise, where the epsilon
+    loss otherwise spends its gradient on detail the image already shows.
+    """
+    acp = schedule.alphas_cumprod.to(t.device)[t]
+    snr = acp / (1.0 - acp)
+    return (snr.clamp(max=gamma) / snr).float()
 
 
 def flow_velocity_mse(pred_velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

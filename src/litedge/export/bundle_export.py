@@ -43,6 +43,8 @@ class ExportConfig:
         hub_device: also compile + profile on this Qualcomm AI Hub device.
         force: replace an existing bundle at ``out``.
         text_max_length: prompt tokens; None takes the base model's.
+        steps, guidance_scale: the sampling defaults the bundle's manifest records (what
+            lit-generate uses when not told); None takes the base pipeline's (PixArt 20, 4.5).
     """
 
     out: Path
@@ -56,6 +58,14 @@ class ExportConfig:
     hub_device: str | None = None
     force: bool = False
     text_max_length: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise LitedgeError(f"--steps {self.steps}: expected a default step count >= 1")
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise LitedgeError(f"--guidance {self.guidance_scale}: expected a finite guidance scale >= 0")
 
 
 def _load(cfg: ExportConfig):
@@ -249,7 +259,8 @@ def export_bundle(cfg: ExportConfig) -> ExportReport:
                     "weights": "int4-block32" if options.weights == "int4" else options.weights},
             tokenizer=tokenizer,
             scheduler=_scheduler(loaded),
-            defaults={"steps": base["steps"], "guidance_scale": base["guidance_scale"], "height": size, "width": size},
+            defaults={"steps": cfg.steps or base["steps"], "height": size, "width": size,
+                      "guidance_scale": base["guidance_scale"] if cfg.guidance_scale is None else cfg.guidance_scale},
             fidelity=report.fidelity,
         )
         stage("writing manifest")
