@@ -47,10 +47,10 @@ def test_readme_first_command_writes_an_image(tmp_path):
     assert ShapesEval().detect(image), "no object drawn at all"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 is blocked on compute: the shipped LiT student int4 (distilled 11k steps "
-                   "on 2 CPU cores) scores 0.58 on ShapesEval, 0.28 on colour binding and 0.10 on position, and draws this "
-                   "prompt with the colours swapped (a red square, a blue circle); when a model that draws it is shipped "
-                   "this test passes and strict xfail fails, so this marker must go")
+@pytest.mark.xfail(strict=True, reason="issue 7: the shipped LiT student int4 (distilled 14k steps on 2 CPU cores) "
+                   "scores 0.62 on ShapesEval but only 0.34 on colour binding and 0.18 on position, and draws this prompt "
+                   "with the colours swapped (a red square, a blue circle); when a model that draws it is shipped this "
+                   "test passes and strict xfail fails, so this marker must go")
 def test_readme_first_command_draws_what_it_says(tmp_path):
     image = _first_command_image(tmp_path)
     verdict = ShapesEval().score(image, PROMPT)

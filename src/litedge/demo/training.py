@@ -91,7 +91,7 @@ class Preset:
     teacher_lr: float = 1e-3
     teacher_min_snr: float | None = 5.0  # Min-SNR-gamma weighting of the epsilon loss; None: unweighted
     caption_dropout: float = 0.1
-    student_steps: int = 11_000
+    student_steps: int = 14_000
     student_batch: int = 32
     student_lr: float = 2e-4
     student_heads: int = 2
