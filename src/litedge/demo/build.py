@@ -446,7 +446,8 @@ def stage_ship(cfg: BuildConfig, paths: Paths) -> dict:
     # vae, text encoder and tokenizer (the student's are the teacher's) it is the whole teacher.
     teacher = paths.stage("teacher") / "transformer"
     teacher_bytes = _dir_bytes(teacher)
-    if "shapes-lit" in shipped and sum(shipped.values()) + teacher_bytes <= SHIP_LIMIT_BYTES - (1 << 20):
+    reports = paths.eval_json.stat().st_size + paths.grid.stat().st_size  # copied below
+    if "shapes-lit" in shipped and sum(shipped.values()) + teacher_bytes + reports <= SHIP_LIMIT_BYTES:
         _atomic_dir(dest / "shapes-teacher-transformer", lambda tmp: shutil.copytree(teacher, tmp, dirs_exist_ok=True))
         shipped["shapes-teacher-transformer"] = teacher_bytes
     for src, name in ((paths.eval_json, "shapes-lit-eval.json"), (paths.grid, "shapes-lit-samples.png")):
