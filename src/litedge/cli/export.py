@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from litedge.cli import run_command
+from litedge.cli import parse_args, run_command
 from litedge.errors import LitedgeError
 from litedge.export.targets import TARGETS
+from litedge.export.validate import output_path, require_export_extras
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -42,15 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, dest="guidance_scale",
                         help="default classifier-free guidance scale recorded in the bundle (default: the base "
                         "pipeline's, 4.5 for PixArt-Sigma); lit-generate --guidance overrides it")
-    parser.add_argument("-o", "--output", dest="out", type=Path, required=True, help="bundle directory to write (NAME.litedge)")
+    parser.add_argument("--teacher", action="store_true",
+                        help="export the softmax teacher (of --config NAME, or a softmax SOURCE) as the speed baseline; "
+                        "its attention runs in query chunks, so 2048 px fits in a few GB")
+    parser.add_argument("-o", "--output", dest="out", type=output_path, required=True, help="bundle directory to write (NAME.litedge)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
 
     def body() -> int:
+        require_export_extras()  # one line naming litedge[export], before any import of torch
         from litedge.export.bundle_export import ExportConfig, export_bundle
 
         if args.random_weights != (args.config_name is not None):
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out, source=args.source, config_name=args.config_name, target=args.target, weights=args.weights,
             sizes=args.sizes, keep_fp=tuple(args.keep_fp), soc=args.soc, hub_device=args.hub_device, force=args.force,
             text_max_length=args.text_max_length, steps=args.steps, guidance_scale=args.guidance_scale,
+            teacher=args.teacher,
         )
         report = export_bundle(cfg)
         for name, fid in report.fidelity.items():

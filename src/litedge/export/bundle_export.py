@@ -18,6 +18,7 @@ from litedge.bundle import BundleWriter
 from litedge.errors import LitedgeError
 from litedge.export.backend import BackendOptions, ExportReport, load_backend, stage
 from litedge.export.targets import get_target
+from litedge.export.validate import check_export_config
 
 # Defaults of the base pipelines (diffusers' PixArtSigmaPipeline / StableDiffusion3Pipeline / DiTPipeline).
 BASE_DEFAULTS = {
@@ -60,12 +61,14 @@ class ExportConfig:
     text_max_length: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    teacher: bool = False  # export the softmax teacher, attention in query chunks (rewrites.bound_attention_)
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise LitedgeError(f"--steps {self.steps}: expected a default step count >= 1")
         if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise LitedgeError(f"--guidance {self.guidance_scale}: expected a finite guidance scale >= 0")
+        check_export_config(self)  # litedge.export.validate: output vs source, value bounds, --soc
 
 
 def _load(cfg: ExportConfig):
@@ -75,11 +78,17 @@ def _load(cfg: ExportConfig):
 
     if cfg.config_name is not None:
         spec = get_config(cfg.config_name)
-        model = build_model(cfg.config_name)
-        return LoadedModel(model, TEACHER_KINDS[spec.teacher_class], linearize_config_of(model), source=spec.name)
-    if cfg.source is None:
+        model = build_model(cfg.config_name, teacher=cfg.teacher)
+        loaded = LoadedModel(model, TEACHER_KINDS[spec.teacher_class], linearize_config_of(model), source=spec.name)
+    elif cfg.source is None:
         raise LitedgeError("nothing to export: give a SOURCE, or --config NAME --random-weights")
-    return load_model(cfg.source)
+    else:
+        loaded = load_model(cfg.source)
+    if cfg.teacher:
+        from litedge.export.rewrites import teacher_for_export
+
+        teacher_for_export(loaded)
+    return loaded
 
 
 def _pipeline_part(loaded, name: str) -> Path | None:

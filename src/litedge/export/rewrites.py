@@ -9,6 +9,8 @@ when the ``with`` block or call ends, even on error.
   transpose and ``pixel_shuffle`` (exact: only the order of the outputs changes).
 - :func:`run_until`: runs a diffusers transformer up to (not into) its final linear layer
   and returns that layer's input, so the rank-6 tail is never traced.
+- :func:`bound_attention_` / :func:`bounded_attention`: softmax attention in query chunks
+  (an ONNX ``Loop``), so an exported softmax teacher never holds its (B, heads, N, N) scores.
 - :func:`dynamic_pos_embed`: makes diffusers' ``PatchEmbed`` recompute its sin-cos position
   embedding from the input's height and width on every call, so a traced graph computes it
   for the size it is run at instead of baking the stored table of the config's size.
@@ -138,3 +140,124 @@ def inference_mode_of(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in flags:
             m.training = training
+
+
+# ----------------------------------------------------------------------------- bounded softmax attention
+
+DEFAULT_SCORE_BUDGET = 1 << 26  # score elements per query chunk: 256 MB in fp32 (and as much for the softmax)
+MIN_QUERY_CHUNK = 16  # queries per chunk at the least, whatever the key count
+
+
+@torch.jit.script
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, budget: int) -> torch.Tensor:
+    """Softmax attention computed a chunk of queries at a time (scripted: exports as an ONNX ``Loop``).
+
+    Args:
+        q: (B, heads, N, d) queries; k: (B, heads, M, d) keys; v: (B, heads, M, dv) values.
+        scale: multiplies ``q k^T`` (``d ** -0.5`` for SDPA's default).
+        budget: most score elements (B * heads * chunk * M) one chunk may hold; the chunk is
+            ``max(MIN_QUERY_CHUNK, budget // (B * heads * M))`` queries, computed from the
+            input's shape at run time, so one graph bounds memory at every size.
+
+    Returns:
+        (B, heads, N, dv): equal to ``softmax(q k^T * scale) v`` row by row (each query's row
+        of scores is whole inside one chunk, so the softmax is exact, not approximated).
+    """
+    b, h, n, m = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    chunk = max(16, budget // max(1, b * h * m))
+    kt = k.transpose(-2, -1)  # (B, heads, d, M)
+    outs: list[torch.Tensor] = []
+    for start in range(0, n, chunk):
+        scores = torch.matmul(q[:, :, start:start + chunk], kt) * scale  # (B, heads, chunk, M)
+        outs.append(torch.matmul(torch.softmax(scores, dim=-1), v))  # (B, heads, chunk, dv)
+    return torch.cat(outs, dim=2)  # (B, heads, N, dv)
+
+
+def _bounded_sdpa(sdpa, budget: int):
+    """``F.scaled_dot_product_attention`` that chunks unmasked, non-causal, dropout-free calls."""
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is not None or is_causal or dropout_p or kwargs or query.dim() != 4:
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, **kwargs)
+        s = float(scale) if scale is not None else float(query.shape[-1]) ** -0.5
+        return chunked_attention(query, key, value, s, budget)
+
+    return attention
+
+
+class BoundedAttnProcessor:
+    """Wraps a diffusers attention processor so its softmax attention runs in query chunks.
+
+    The wrapped processor runs unchanged except that, during its call, ``F.scaled_dot_product_attention``
+    is :func:`chunked_attention` for unmasked calls (self-attention; masked cross-attention
+    to the prompt is N x L, small, and keeps the plain op). Restored after each call.
+    """
+
+    def __init__(self, inner: object, budget: int = DEFAULT_SCORE_BUDGET) -> None:
+        self.inner, self.budget = inner, budget
+
+    def __call__(self, attn: nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+        sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _bounded_sdpa(sdpa, self.budget)
+        try:
+            return self.inner(attn, *args, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = sdpa
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]
+
+
+def bound_attention_(model: nn.Module, budget: int = DEFAULT_SCORE_BUDGET) -> nn.Module:
+    """Make every softmax attention of a diffusers model compute its scores in query chunks.
+
+    For exporting softmax teachers: the traced graph then holds an ONNX ``Loop`` over query
+    chunks of at most ``budget`` score elements, never the (B, heads, N, N) score tensor
+    (34 GB at 2048 px for PixArt-XL; 512 MB per chunk by default). Exact: same math, rows
+    split. Idempotent; returns ``model``. Undo with :func:`unbound_attention_`.
+    """
+    for m in _attention_modules(model):
+        if not isinstance(m.processor, BoundedAttnProcessor):
+            m.processor = BoundedAttnProcessor(m.processor, budget)
+    return model
+
+
+def unbound_attention_(model: nn.Module) -> nn.Module:
+    """Restore the processors :func:`bound_attention_` wrapped."""
+    for m in _attention_modules(model):
+        if isinstance(m.processor, BoundedAttnProcessor):
+            m.processor = m.processor.inner
+    return model
+
+
+@contextlib.contextmanager
+def bounded_attention(model: nn.Module, budget: int = DEFAULT_SCORE_BUDGET) -> Iterator[None]:
+    """:func:`bound_attention_` for the ``with`` block only (restored on exit, even on error)."""
+    wrapped = [m for m in _attention_modules(model) if not isinstance(m.processor, BoundedAttnProcessor)]
+    try:
+        bound_attention_(model, budget)
+        yield
+    finally:
+        for m in wrapped:
+            if isinstance(m.processor, BoundedAttnProcessor):
+                m.processor = m.processor.inner
+
+
+def teacher_for_export(loaded) -> None:
+    """Prepare a loaded softmax model (``litedge.models.loading.LoadedModel``) for ``lit-export --teacher``.
+
+    Its attention is bounded in place (:func:`bound_attention_`: the model was loaded for
+    this export only).
+
+    Raises:
+        LitedgeError: the source is a linearized student; its checkpoint holds no teacher weights.
+    """
+    from litedge.errors import LitedgeError
+
+    if loaded.linear is not None:
+        raise LitedgeError(f"{loaded.source}: --teacher exports a softmax model, but this is a "
+                           f"{loaded.linear.family} student (it holds no teacher weights): give the teacher's "
+                           "pipeline directory, or --config NAME --random-weights --teacher")
+    bound_attention_(loaded.transformer)
