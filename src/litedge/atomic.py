@@ -1,28 +1,123 @@
 """Directories written all at once: a temporary sibling, renamed into place when complete (torch-free).
 
-A process killed half way leaves only a hidden ``.NAME.tmp-*`` folder, never a
-half-written ``NAME`` that a loader would accept.
+A process killed half way leaves only a hidden ``.NAME.tmp-<pid>-<random>`` folder, never a
+half-written ``NAME`` that a loader would accept. Replacing an existing ``NAME`` sets it
+aside as ``.NAME.old-<pid>-<random>`` first, moves the new one in, then deletes the old one.
+
+The writer's pid is in every temporary name, so the next run for the same output can tell
+the leftovers of a killed run (pid no longer alive) from those of a run still going, and
+:func:`recover_interrupted` (called when a write starts) puts an old ``NAME`` that was set
+aside back if the new one never arrived, and deletes the dead run's temporaries. Only
+litedge's own names are touched, and only when the process that made them is gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import tempfile
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from litedge.errors import LitedgeError
+from litedge.safe_write import fsync_dir, pid_alive, temp_name
+
+StrPath = str | os.PathLike
+
+
+def _dead(folder: Path, pattern: re.Pattern) -> list[Path]:
+    found = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                match = pattern.fullmatch(entry.name)
+                if match and not pid_alive(int(match.group(1))):
+                    found.append(Path(entry.path))
+    except OSError:
+        return []
+    return found
+
+
+def _remove(path: Path) -> bool:
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
+def recover_interrupted(dst: StrPath) -> tuple[Path | None, list[Path]]:
+    """Undo what a killed write to ``dst`` left: returns (restored path or None, removed paths).
+
+    If ``dst`` is missing and a dead writer's ``.NAME.old-<pid>-*`` copy exists (killed
+    between "old set aside" and "new moved in"), the newest such copy is renamed back to
+    ``dst``. Every other ``.NAME.old-*`` / ``.NAME.tmp-*`` of a dead pid is deleted. Entries
+    of live processes, and any name litedge does not make, are left alone.
+    """
+    dst = Path(os.path.abspath(dst))
+    folder, name = dst.parent, re.escape(dst.name)
+    olds = _dead(folder, re.compile(rf"\.{name}\.old-(\d+)(?:-[0-9a-f]{{16}})?"))
+    tmps = _dead(folder, re.compile(rf"\.{name}\.tmp-(\d+)-[0-9a-f]{{16}}"))
+    restored = None
+    if olds and not os.path.lexists(dst):
+        def mtime(p: Path) -> float:
+            try:
+                return os.lstat(p).st_mtime
+            except OSError:
+                return 0.0
+
+        newest = max(olds, key=mtime)
+        try:
+            os.rename(newest, dst)
+            restored = dst
+            olds.remove(newest)
+            fsync_dir(folder)
+        except OSError:
+            pass
+    removed = [p for p in olds + tmps if _remove(p)]
+    return restored, removed
+
+
+def make_temp_dir(dst: StrPath) -> Path:
+    """Create an empty ``.NAME.tmp-<pid>-<random>`` directory beside ``dst`` (exclusive, umask honoured)."""
+    dst = Path(os.path.abspath(dst))
+    while True:
+        tmp = dst.parent / temp_name(dst.name)
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory ``src`` to ``dst``; an existing ``dst`` is set aside first, then deleted."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    """Move the finished directory ``src`` to ``dst``; an existing ``dst`` is set aside first, then deleted.
+
+    A kill between the two renames leaves the old ``dst`` as ``.NAME.old-<pid>-*``, which the
+    next :func:`recover_interrupted` for ``dst`` moves back.
+    """
+    src, dst = Path(src), Path(dst)
+    if os.path.lexists(dst):
+        old = dst.with_name(temp_name(dst.name, "old"))
         os.replace(dst, old)
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            try:
+                os.replace(old, dst)
+            except OSError:
+                pass
+            raise
+        fsync_dir(dst.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+        fsync_dir(dst.parent)
 
 
 @contextmanager
@@ -30,14 +125,21 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``out``; on success it becomes ``out``.
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and
-    ``out`` is left as it was.
+    ``out`` is left as it was. A killed earlier write to ``out`` is recovered first.
+    An ``OSError`` while moving into place (EIO, disk full) becomes a one-line
+    :class:`LitedgeError`.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    recover_interrupted(out)
+    tmp = make_temp_dir(out)
     try:
         yield tmp
-        replace_dir(tmp, out)
+        try:
+            replace_dir(tmp, out)
+        except OSError as e:
+            raise LitedgeError(f"cannot move the finished {out.name} into place at {out} ({e.strerror}); "
+                               f"what was there is unchanged; free space or fix the folder and retry") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 import time
@@ -42,7 +41,9 @@ from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from litedge import __version__
+from litedge.atomic import recover_interrupted
 from litedge.errors import LitedgeError
+from litedge.safe_write import temp_name, write_text
 
 FORMAT = "litedge-bundle"
 VERSION = 1
@@ -54,7 +55,7 @@ DTYPES = frozenset(
     "float64 float32 float16 bfloat16 int64 int32 int16 int8 uint64 uint32 uint16 uint8 bool string".split()
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_STALE = re.compile(r"\..+\.(?:tmp|old)-[0-9a-f]{16}")
+_STALE = re.compile(r"\..+\.(?:tmp|old)-(?:\d+-)?[0-9a-f]{16}")
 _FIX = "the manifest is corrupt or was edited by hand; re-export the bundle"
 
 StrPath = str | os.PathLike
@@ -307,6 +308,92 @@ def _extra_files(value: Any, source: str, key: str) -> list[dict[str, str]]:
     return out
 
 
+# ----------------------------------------------------------------------------- field types and ranges
+# The bounds the reader enforces; lit-export checks what it writes against the same ones.
+
+MAX_TEXT_LENGTH = 4096  # prompt tokens (PixArt-Sigma 300, SD3 256 + 77)
+MAX_STEPS = 1000  # denoising steps (the training schedules have 1000 timesteps)
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale (used: 1-20); beyond it float32 images saturate
+MAX_IMAGE_SIDE = 16384  # pixels
+
+
+@dataclass(frozen=True)
+class Field:
+    """What a manifest field may hold: ``kind`` "int", "number", "bool", "str", "strs", and a closed range."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        what = {"int": "an integer", "number": "a finite number", "bool": "true or false", "str": "a string",
+                "strs": "a list of strings"}[self.kind]
+        if self.choices:
+            return f"one of {', '.join(map(repr, self.choices))}"
+        if self.low is not None and self.high is not None:
+            return f"{what} in [{self.low:g}, {self.high:g}]"
+        return what
+
+    def ok(self, value: Any) -> bool:
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            return isinstance(value, str) and (not self.choices or value in self.choices)
+        if self.kind == "strs":
+            return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+            return False
+        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+
+MODEL_FIELDS: dict[str, Field] = {
+    "family": Field("str"), "task": Field("str"), "base": Field("str"),
+    "latent_channels": Field("int", 1, 1024),
+    "patch_size": Field("int", 1, 64),
+    "sample_size": Field("int", 1, 4096),
+    "vae_scale_factor": Field("int", 1, 64),
+    "vae_scaling_factor": Field("number", 1e-6, 1e6),
+    "prediction_type": Field("str", choices=("epsilon", "v_prediction", "sample", "flow")),
+    "learned_sigma": Field("bool"),
+    "text_max_length": Field("int", 0, MAX_TEXT_LENGTH),
+    "num_classes": Field("int", 1, 1_000_000),
+    "clip_max_length": Field("int", 1, MAX_TEXT_LENGTH),
+    "joint_attention_dim": Field("int", 1, 65536),
+}
+TARGET_FIELDS: dict[str, Field] = {
+    "name": Field("str"), "format": Field("str"), "providers": Field("strs"),
+    "precision": Field("str"), "weights": Field("str"),
+}
+DEFAULTS_FIELDS: dict[str, Field] = {
+    "steps": Field("int", 1, MAX_STEPS),
+    "guidance_scale": Field("number", 0, MAX_GUIDANCE),
+    "height": Field("int", 1, MAX_IMAGE_SIDE),
+    "width": Field("int", 1, MAX_IMAGE_SIDE),
+}
+
+
+def _checked_fields(section: dict[str, Any], fields: dict[str, Field], source: str, key: str) -> dict[str, Any]:
+    """Every known field of ``section`` has its type and range (unknown fields are extensions, kept)."""
+    for name, spec in fields.items():
+        if name in section:
+            _want(spec.ok(section[name]), source, f"{key}.{name}", spec.describe(), section[name])
+    return section
+
+
+def _scheduler_v1(value: Any, source: str) -> dict[str, Any]:
+    scheduler = _dict(value, source, "scheduler")
+    if "type" in scheduler:
+        _want(isinstance(scheduler["type"], str), source, "scheduler.type", "a string", scheduler["type"])
+    if "config" in scheduler:
+        _dict(scheduler["config"], source, "scheduler.config")
+    return scheduler
+
+
 _V1_KEYS = ("format", "version", "model", "target", "components", "tokenizer", "scheduler",
             "defaults", "fidelity", "created_by")
 _V1_COMPONENT_KEYS = ("file", "sha256", "inputs", "outputs", "shapes", "extra_files", "meta")
@@ -370,12 +457,13 @@ def _read_v1(data: dict[str, Any], source: str) -> Manifest:
     created_by = data.get("created_by", "unknown")
     _want(isinstance(created_by, str), source, "created_by", "a string", created_by)
     return Manifest(
-        model=_dict(data["model"], source, "model"),
-        target=_dict(data["target"], source, "target"),
+        model=_checked_fields(_dict(data["model"], source, "model"), MODEL_FIELDS, source, "model"),
+        target=_checked_fields(_dict(data["target"], source, "target"), TARGET_FIELDS, source, "target"),
         components={name: _component_v1(name, value, source) for name, value in components.items()},
         tokenizer=tokenizer,
-        scheduler=_dict(data.get("scheduler", {}), source, "scheduler"),
-        defaults=_dict(data.get("defaults", {}), source, "defaults"),
+        scheduler=_scheduler_v1(data.get("scheduler", {}), source),
+        defaults=_checked_fields(_dict(data.get("defaults", {}), source, "defaults"), DEFAULTS_FIELDS,
+                                 source, "defaults"),
         fidelity=_dict(data.get("fidelity", {}), source, "fidelity"),
         created_by=created_by,
     )
@@ -460,6 +548,40 @@ def _named_files(manifest: Manifest) -> Iterator[tuple[str, str, str | None]]:
             yield key, entry["path"], entry.get("sha256")
 
 
+def _refuse_unlisted(root: Path, manifest: Manifest) -> None:
+    """Every file in the bundle is the manifest, a named file, or inside a named directory.
+
+    A file nobody lists is never hashed, so a graph could read it unchecked (an ONNX
+    external-data file the manifest does not name): it is refused, as safetensors refuses
+    bytes its header does not account for.
+    """
+    named = {MANIFEST_NAME} | {str(PurePosixPath(rel)) for _, rel, _ in _named_files(manifest)}
+    try:
+        files = _walk_names(root)
+    except OSError as e:
+        raise LitedgeError(f"{root}: cannot list the bundle ({e.strerror}); check its permissions") from None
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if not any("/".join(parts[:i]) in named for i in range(1, len(parts) + 1)):
+            raise LitedgeError(
+                f"{root}/{rel}: in the bundle but not listed in its manifest (no sha256 covers it, and a graph "
+                "could read it unchecked); the bundle was modified: remove the file or re-export the bundle")
+
+
+def _walk_names(root: Path) -> list[str]:
+    """``/``-separated paths of every non-directory entry under ``root`` (links not followed)."""
+    def fail(e: OSError) -> None:
+        raise e
+
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in filenames + links:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+        dirnames[:] = [d for d in dirnames if d not in links]
+    return sorted(out)
+
+
 def verify_bundle(bundle_dir: StrPath, manifest: Manifest | None = None,
                   check_hashes: bool = True) -> Manifest:
     """Check that every file the manifest names exists, stays inside, and matches its sha256.
@@ -493,6 +615,7 @@ def verify_bundle(bundle_dir: StrPath, manifest: Manifest | None = None,
         if got != expected:
             raise LitedgeError(f"{shown}: sha256 mismatch (expected {expected[:12]}…, got {got[:12]}…): "
                                "the bundle is corrupt or was modified; re-export it")
+    _refuse_unlisted(root, manifest)
     return manifest
 
 
@@ -568,6 +691,8 @@ class BundleWriter:
         out = self.out_dir
         if not out.name:
             raise LitedgeError(f"{out}: not a bundle path; expected a directory such as out/NAME.litedge")
+        if out.parent.is_dir():
+            recover_interrupted(out)  # a killed earlier write: old bundle back, dead temporaries gone
         if out.exists() or out.is_symlink():
             if not self.force:
                 raise LitedgeError(f"{out} exists; pass --force to overwrite (force=True), "
@@ -584,7 +709,7 @@ class BundleWriter:
     def _make_temp(self) -> Path:
         parent = self.out_dir.parent
         while True:
-            tmp = parent / f".{self.out_dir.name}.tmp-{secrets.token_hex(8)}"
+            tmp = parent / temp_name(self.out_dir.name)
             try:
                 os.mkdir(tmp)  # honours the umask, unlike tempfile.mkdtemp's 0o700
                 return tmp
@@ -680,13 +805,7 @@ class BundleWriter:
             raise LitedgeError(f"BundleWriter: the manifest is not JSON-serializable ({e}); "
                                "pass plain str/int/float/list/dict values to set()") from None
         _fsync_tree(tmp)  # every named file is on disk before the manifest names it
-        part = tmp / (MANIFEST_NAME + ".tmp")
-        with open(part, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, tmp / MANIFEST_NAME)
-        _fsync_path(tmp)  # make the manifest's rename durable
+        write_text(tmp / MANIFEST_NAME, text, what="manifest")  # temp + fsync + rename + fsync of tmp
         self._move_into_place(tmp)
         return True
 
@@ -698,8 +817,12 @@ class BundleWriter:
                 raise LitedgeError(f"{out} appeared while writing; pass --force to overwrite it, "
                                    "or choose another output path")
             _check_replaceable(out)
-            aside = out.parent / f".{out.name}.old-{secrets.token_hex(8)}"
-            os.rename(out, aside)
+            aside = out.parent / temp_name(out.name, "old")
+            try:
+                os.rename(out, aside)
+            except OSError as e:
+                raise LitedgeError(f"cannot set the old bundle {out} aside ({e.strerror}); it is unchanged; "
+                                   "fix the folder's permissions or choose another output path") from None
         try:
             os.rename(tmp, out)
         except BaseException as e:
