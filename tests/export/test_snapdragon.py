@@ -196,3 +196,81 @@ def test_hub_export_submits_each_bucket_and_reports_jobs(student, tmp_path, caps
     [entry] = meta["ai_hub"]
     assert entry["bucket"] == "64x64" and entry["compile_job"] == "jc1" and entry["estimated_inference_time_us"] == 1234
     assert "AI Hub profiled, estimated 1234 us" in err
+
+
+# ----------------------------------------------------------------------------- large graphs (external data)
+
+
+def _external(path):
+    """(graph file, [external data files]) of an ONNX model, and whether its weights are all external."""
+    from onnx.external_data_helper import uses_external_data
+
+    from litedge.export.onnx_io import model_files
+
+    model = onnx.load(str(path), load_external_data=False)
+    big = [t for t in model.graph.initializer if t.data_type and np.prod(t.dims) * 4 >= 4096]
+    return model_files(path)[1:], bool(big) and all(uses_external_data(t) for t in big)
+
+
+def test_large_graph_keeps_external_data_through_every_step_and_runs(student, tmp_path, capsys, monkeypatch):
+    """A graph past the external-data threshold (lowered here: the tiny model's 0.4 MB count as
+    "over 2 GB") is folded, decomposed, quantized and compiled from external data at every step."""
+    import onnxruntime.quantization as ortq
+
+    from litedge.export import onnx_io, qnn_backend
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 64 * 1024)
+    seen = {}
+
+    def fold(src, dst, fold=qnn_backend.fold_constants):
+        seen["fp32"] = _external(src)
+        files = fold(src, dst)
+        seen["folded"] = _external(dst)
+        return files
+
+    def quantize(src, dst, config, quantize=ortq.quantize):
+        seen["prepared"] = _external(src)
+        seen["opset"] = next(o.version for o in onnx.load(src, load_external_data=False).opset_import if o.domain == "")
+        seen["calibration"] = config.calibration_data_reader
+        quantize(src, dst, config)
+        seen["qdq"] = _external(dst)
+
+    def compile_context(qdq, out, soc, compile_context=qnn_backend.compile_context):
+        seen["compiled_from"] = _external(qdq)
+        return compile_context(qdq, out, soc)
+
+    monkeypatch.setattr(qnn_backend, "fold_constants", fold)
+    monkeypatch.setattr(ortq, "quantize", quantize)
+    monkeypatch.setattr(qnn_backend, "compile_context", compile_context)
+    model, path = student
+    out = tmp_path / "m.litedge"
+    code, _, err = _export([path, "--target", "snapdragon", "--weights", "int8", "--sizes", "64", "-o", out], capsys)
+    assert code == 0, err
+    for step in ("fp32", "folded", "prepared", "qdq", "compiled_from"):
+        data, all_external = seen[step]
+        assert len(data) == 1 and data[0].name.endswith(".onnx.data") and all_external, step
+    assert seen["opset"] == 21  # lifted before the quantizer, which would serialize the whole model to do it
+    manifest, _ = _check_bundle(model, out, "int8", bound=0.3)  # 4 calibration samples, one check input
+    meta = manifest.components["transformer"].meta
+    assert meta["quantization"]["calibration"]["plan"] == {"64x64": "large"}
+    assert meta["quantization"]["calibration"]["steps"] == 4 and meta["fidelity"]["buckets"]["64x64"]["steps"] == 1
+    assert meta["fidelity"]["buckets"]["64x64"]["simulator_s"] > 0
+    assert "skipped" in manifest.fidelity["transformer_qdq_cpu"]
+    assert "on 1 held-out input(s)" in err
+    assert not list(tmp_path.glob("**/*.onnx.data"))  # the bundle holds the EPContext graph + QNN binary only
+
+
+def test_samples_plan_outputs_equal_a_second_pytorch_pass(student):
+    """denoising_samples' outputs are the model's own (no second pass needed) and start at first_step."""
+    from litedge.export.calibration import denoising_samples
+
+    model, _ = student
+    wrapper = transformer_wrapper(model)
+    full = denoising_calibration(wrapper, (8, 8), text_length=300, steps=3, trajectories=1, seed=5)
+    feeds, outputs = denoising_samples(wrapper, (8, 8), text_length=300, steps=3, seed=5, first_step=1)
+    assert len(feeds) == len(outputs) == 2
+    for feed, ref_feed, out in zip(feeds, full[1:], outputs):
+        assert all(np.array_equal(feed[k], ref_feed[k]) for k in feed)
+        with torch.no_grad():
+            ref = wrapper(*(torch.from_numpy(feed[n]) for n in wrapper.spec().input_names)).numpy()
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)

@@ -79,12 +79,45 @@ def denoising_calibration(
     Returns:
         ``steps * trajectories`` feeds, each at batch 2: ``sample`` (2, C, h, w) float32,
         ``timestep`` (2,) float32, and the conditioning inputs of the wrapper's kind.
+        The model runs ``steps - 1`` times per trajectory (the last step's output is not needed).
     """
+    feeds, _ = denoising_samples(wrapper, latent, text_length=text_length, steps=steps, trajectories=trajectories,
+                                 guidance_scale=guidance_scale, seed=seed, with_outputs=False)
+    return feeds
+
+
+def denoising_samples(
+    wrapper: TransformerWrapper,
+    latent: tuple[int, int],
+    *,
+    text_length: int,
+    steps: int,
+    trajectories: int = 1,
+    guidance_scale: float = 4.5,
+    seed: int = 0,
+    first_step: int = 0,
+    with_outputs: bool = True,
+) -> tuple[list[Feed], list[np.ndarray]]:
+    """Inputs and PyTorch outputs of the transformer along short sampling loops (a fidelity set).
+
+    The loops are :func:`denoising_calibration`'s; feeds are recorded from step index
+    ``first_step`` on (earlier steps only move the latent along), so a check at a late,
+    structured step costs ``first_step`` extra model calls and no more. The outputs are the
+    model's own results in the loop: a reference needs no second PyTorch pass.
+
+    Returns:
+        ``(feeds, outputs)``: ``(steps - first_step) * trajectories`` feeds as in
+        :func:`denoising_calibration`, and with ``with_outputs`` the raw output of each,
+        (2, C_out, h, w) float32 (learned sigma included); empty without.
+    """
+    if not 0 <= first_step < steps:
+        raise ValueError(f"first_step {first_step} must be in [0, steps={steps})")
     spec = wrapper.spec()
     names = spec.input_names
     channels = int(wrapper.model.config.in_channels)
     learned_sigma = int(wrapper.model.out_channels) == 2 * channels
     feeds: list[Feed] = []
+    outputs: list[np.ndarray] = []
     for k in range(trajectories):
         gen = torch.Generator().manual_seed(seed + k)
         cond = wrapper.conditioning_samples(SampleSize(2, latent[0], latent[1], text_length), gen)
@@ -93,12 +126,17 @@ def denoising_calibration(
         x = torch.randn((1, channels, *latent), generator=gen).numpy() * scheduler.init_noise_sigma  # (1, C, h, w)
         for i, t in enumerate(scheduler.timesteps):
             inputs = (torch.from_numpy(np.repeat(x, 2, axis=0)), torch.full((2,), float(t)), *cond)
-            feeds.append({n: v.numpy().copy() for n, v in zip(names, inputs)})
+            if i >= first_step:
+                feeds.append({n: v.numpy().copy() for n, v in zip(names, inputs)})
+            if i == len(scheduler.timesteps) - 1 and not with_outputs:
+                break  # the last step's output only moves x past the recorded feeds
             with inference_mode_of(wrapper):
                 out = wrapper(*inputs).numpy()  # (2, C_out, h, w)
+            if with_outputs and i >= first_step:
+                outputs.append(out)
             if learned_sigma:
                 out = split_learned_sigma(out, channels)
             eps = out[1:] + guidance_scale * (out[:1] - out[1:])  # uncond + g (cond - uncond)
             x = scheduler.step(eps, i, x)
             x = x / max(1.0, float(x.std()) / MAX_LATENT_STD)  # an untrained model's loop diverges
-    return feeds
+    return feeds, outputs

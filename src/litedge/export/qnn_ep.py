@@ -22,9 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import onnx.version_converter
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from litedge.errors import LitedgeError
+from litedge.export import onnx_io
 
 EP_NAME = "QNNExecutionProvider"
 
@@ -105,37 +108,88 @@ def _session_options(soc: Soc, config: dict[str, str]) -> ort.SessionOptions:
 # ----------------------------------------------------------------------------- graph preparation
 
 
-def fold_constants(src: Path, dst: Path) -> None:
+def is_large(path: Path) -> bool:
+    """Whether ``path`` keeps (or must keep) its weights in external data.
+
+    True when it already does, or when its weights pass
+    :data:`litedge.export.onnx_io.EXTERNAL_DATA_THRESHOLD` (read at call time; about 2 GB,
+    protobuf's limit). Every step on such a graph loads it without its weights and writes
+    them to a ``NAME.onnx.data`` file beside the graph.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    if any(uses_external_data(t) for t in tensors):
+        return True
+    return sum(len(t.raw_data) for t in tensors) > onnx_io.EXTERNAL_DATA_THRESHOLD
+
+
+def remove_model(path: Path) -> None:
+    """Delete a graph file and the external data files it names (missing files are ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for file in onnx_io.model_files(path):
+        file.unlink(missing_ok=True)
+
+
+def fold_constants(src: Path, dst: Path) -> list[Path]:
     """Constant-fold with onnxruntime's basic (ONNX-standard) optimizer, metadata dropped.
 
     The legacy exporter leaves the sin-cos position embedding as an ``Einsum`` chain on
     constants, which QNN does not run; folded it is one initializer. The basic level also
     fuses ``MatMul + Add`` into ``Gemm``, which the QNN quantizer quantizes per channel.
+    A large ``src`` (:func:`is_large`) is written with its weights in ``dst.onnx.data``:
+    onnxruntime would otherwise serialize a protobuf past 2 GB that cannot be read back.
+    Returns the files written (``dst`` first).
     """
+    external = is_large(src)
+    data = onnx_io.data_path_for(dst)
+    data.unlink(missing_ok=True)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(dst)
-    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
-    model = onnx.load(str(dst))
+    if external:  # a path relative to dst's folder; tensors under 1 KiB stay in the graph
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data.name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    session = ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    del session
+    gc.collect()
+    model = onnx.load(str(dst), load_external_data=False)  # weights stay in dst.onnx.data
     del model.metadata_props[:]  # onnxruntime.quantization's QNN helpers choke on them
     used = {n.domain for n in model.graph.node}
     kept = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
     del model.opset_import[:]
     model.opset_import.extend(kept)
     onnx.save(model, str(dst))
+    return [dst, data] if external else [dst]
 
 
-def decompose_layernorm(model: onnx.ModelProto) -> int:
+def to_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """``model`` converted to ONNX opset ``version`` by onnx's version converter (the weights untouched).
+
+    onnxruntime.quantization converts a model below opset 21 itself when 16-bit or 4-bit
+    types are asked for, but it serializes the whole model to do so, which fails past 2 GB;
+    a model loaded with ``load_external_data=False`` is only its graph here.
+    """
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= version:
+        return model
+    return onnx.version_converter.convert_version(model, version)
+
+
+def decompose_layernorm(model: onnx.ModelProto, base_dir: Path | None = None) -> int:
     """Replace each last-axis ``LayerNormalization`` with ReduceMean/Sub/Mul/Sqrt/Div (in place).
 
     QNN HTP's LayerNorm gave wrong rows (rel err ~1) for PixArt's adaLN norms on the
     simulator while the same QDQ graph was right on CPU; the primitive form is right on HTP.
     A scale of ones and a bias of zeros (``elementwise_affine=False``) are dropped.
-    Returns the number of nodes replaced.
+    Only the norms' scale and bias are read (from ``base_dir`` when they are external data:
+    the folder of a model loaded with ``load_external_data=False``); other weights stay where
+    they are. Returns the number of nodes replaced.
     """
     graph = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts = _Initializers(graph, base_dir)
     nodes, count = [], 0
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -169,6 +223,22 @@ def decompose_layernorm(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return count
+
+
+class _Initializers:
+    """Initializer name -> array, read on demand (external data from ``base_dir``)."""
+
+    def __init__(self, graph: onnx.GraphProto, base_dir: Path | None) -> None:
+        self._tensors = {i.name: i for i in graph.initializer}
+        self._base_dir = str(base_dir) if base_dir is not None else ""
+
+    def get(self, name: str) -> np.ndarray | None:
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            return None
+        if uses_external_data(tensor) and not self._base_dir:
+            raise ValueError(f"initializer {name!r} is external data: pass base_dir, the model's folder")
+        return numpy_helper.to_array(tensor, self._base_dir)
 
 
 # ----------------------------------------------------------------------------- compile and run
