@@ -6,11 +6,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,
+)
 
 from litedge.errors import LitedgeError
 from litedge.runtime.schedulers import (
-    DDIM, SCHEDULERS, DPMSolverMultistep, FlowMatchEuler, scheduler_from_config, split_learned_sigma,
+    DDIM, SCHEDULERS, DPMSolverKarras, DPMSolverMultistep, EulerAncestral, EulerDiscrete, FlowMatchEuler,
+    UniPCMultistep, scheduler_from_config, split_learned_sigma,
 )
 
 # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS scheduler/scheduler_config.json
@@ -56,6 +60,27 @@ CASES = {  # id -> (litedge class, diffusers class, config, steps)
     "flow-sd3": (FlowMatchEuler, FlowMatchEulerDiscreteScheduler, SD3, 20),
     "flow-sd3-7": (FlowMatchEuler, FlowMatchEulerDiscreteScheduler, SD3, 7),
     "flow-unshifted": (FlowMatchEuler, FlowMatchEulerDiscreteScheduler, {"shift": 1.0}, 20),
+    "dpm-karras-variant": (DPMSolverKarras, DPMSolverMultistepScheduler, {**PIXART_SIGMA, "use_karras_sigmas": True}, 20),
+    "unipc-from-pixart": (UniPCMultistep, UniPCMultistepScheduler, PIXART_SIGMA, 20),  # midpoint reads as bh2
+    "unipc-7": (UniPCMultistep, UniPCMultistepScheduler, {}, 7),
+    # bh1 with a final sigma of 0: diffusers' last step is NaN (B(h) = -inf), ours lands on x0; compared at sigma_min
+    "unipc-bh1-order3-v-trailing": (UniPCMultistep, UniPCMultistepScheduler, {
+        "solver_type": "bh1", "solver_order": 3, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+        "final_sigmas_type": "sigma_min"}, 20),
+    "unipc-order1-leading-scaled": (UniPCMultistep, UniPCMultistepScheduler, {
+        **SD_DDIM, "solver_order": 1, "timestep_spacing": "leading"}, 20),
+    "unipc-sample-sigma_min-no-lower-final": (UniPCMultistep, UniPCMultistepScheduler, {
+        "prediction_type": "sample", "final_sigmas_type": "sigma_min", "lower_order_final": False}, 20),
+    "euler-pixart": (EulerDiscrete, EulerDiscreteScheduler, PIXART_SIGMA, 20),
+    "euler-sd-leading-v": (EulerDiscrete, EulerDiscreteScheduler, {
+        **SD_DDIM, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, 20),
+    "euler-karras-sample": (EulerDiscrete, EulerDiscreteScheduler, {
+        "use_karras_sigmas": True, "prediction_type": "sample"}, 20),
+    "euler-trailing-sigma_min-7": (EulerDiscrete, EulerDiscreteScheduler, {
+        "timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}, 7),
+    "euler-ancestral-pixart": (EulerAncestral, EulerAncestralDiscreteScheduler, PIXART_SIGMA, 20),
+    "euler-ancestral-sd-leading-v": (EulerAncestral, EulerAncestralDiscreteScheduler, {
+        **SD_DDIM, "prediction_type": "v_prediction", "timestep_spacing": "leading"}, 20),
 }
 
 SHAPE = (2, 4, 8, 8)
@@ -84,24 +109,52 @@ def toy_model(ref, prediction: str):
     return model
 
 
+def _same_noise_as_ours(monkeypatch, seed: int):
+    """diffusers' Euler-ancestral draws its step noise from numpy's default_rng(seed), as ours does."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as module
+
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(
+        rng.standard_normal(tuple(shape), dtype=np.float32)))
+    return np.random.default_rng(seed)
+
+
+def _vp_scale(scheduler, i: int) -> float:
+    """1 / sqrt(sigma_i^2 + 1) for the Euler schedulers, whose samples live at VE scale (|x| up to
+    sigma_max ~ 157, where float32 itself rounds by 1e-5): errors are compared at the scale the
+    model sees, as for the other schedulers (1)."""
+    if isinstance(scheduler, EulerDiscrete):
+        return 1.0 / float(np.sqrt(scheduler.sigmas[i] ** 2 + 1))
+    return 1.0
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_matches_diffusers_step_by_step(case):
+def test_matches_diffusers_step_by_step(case, monkeypatch):
     ours_cls, ref_cls, config, steps = CASES[case]
     ours, ref = ours_cls.from_config(config), ref_cls.from_config(config)
     ours.set_timesteps(steps)
     ref.set_timesteps(steps)
-    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    if getattr(ours.config, "use_karras_sigmas", False) and isinstance(ours, EulerDiscrete):
+        # fractional positions of the Karras sigmas in the log-sigma table: torch's float32 cumprod
+        # and linspace differ from numpy's by an ulp, which moves a position by up to 2e-4 (of 1000)
+        np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=1e-6, atol=1e-3)
+    else:
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
     assert ours.timesteps.dtype == ref.timesteps.numpy().dtype
-    assert ours.init_noise_sigma == getattr(ref, "init_noise_sigma", 1.0)
+    assert ours.init_noise_sigma == pytest.approx(float(getattr(ref, "init_noise_sigma", 1.0)), rel=1e-6)
+    if ours_cls is EulerAncestral:
+        ours.generator = _same_noise_as_ours(monkeypatch, seed=11)
 
     model = toy_model(ref, "flow" if ours_cls is FlowMatchEuler else ours.config.prediction_type)
-    x_ours = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    x_ours = (np.random.default_rng(0).standard_normal(SHAPE) * ours.init_noise_sigma).astype(np.float32)
     x_ref = torch.from_numpy(x_ours.copy())
-    for i, t in enumerate(ref.timesteps):
-        x_ref = ref.step(torch.from_numpy(model(x_ref.numpy(), t)), t, x_ref).prev_sample
-        x_ours = ours.step(model(x_ours, ours.timesteps[i]), i, x_ours)
+    for i, t in enumerate(ref.timesteps):  # the model sees scale_model_input's sample (Euler: x / sqrt(s^2 + 1))
+        scale = getattr(ref, "scale_model_input", lambda x, t: x)  # FlowMatchEuler has none
+        out_ref = model(scale(x_ref, t).numpy(), t)
+        x_ref = ref.step(torch.from_numpy(out_ref), t, x_ref).prev_sample
+        x_ours = ours.step(model(ours.scale_model_input(x_ours, i), ours.timesteps[i]), i, x_ours)
         assert x_ours.dtype == np.float32
-        err = np.abs(x_ours - x_ref.numpy()).max()
+        err = np.abs(x_ours - x_ref.numpy()).max() * _vp_scale(ours, i + 1)
         assert err < 1e-5, f"step {i}: max abs error {err:.2e}"
     assert np.isfinite(x_ours).all() and np.abs(x_ours).max() > 0.1
 
@@ -156,7 +209,8 @@ def test_split_learned_sigma():
         s.step(out, 0, out[:, :4])
 
 
-@pytest.mark.parametrize("cls", [DPMSolverMultistep, DDIM, FlowMatchEuler])
+@pytest.mark.parametrize("cls", [DPMSolverMultistep, DDIM, FlowMatchEuler, UniPCMultistep, EulerDiscrete,
+                                 EulerAncestral])
 @pytest.mark.parametrize("steps", [0, -3, 2.5, True])
 def test_invalid_steps(cls, steps):
     with pytest.raises(LitedgeError, match="num_inference_steps"):
@@ -199,9 +253,14 @@ def test_registry_and_unknown_keys():
     assert isinstance(scheduler_from_config(PIXART_SIGMA, "ddim"), DDIM)  # name wins, as DDIM.from_config
     assert SCHEDULERS["ddim"] is SCHEDULERS["DDIMScheduler"] is DDIM
     assert set(SCHEDULERS) == {"DPMSolverMultistepScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler",
-                               "dpmsolver++", "ddim", "flow-euler"}
+                               "UniPCMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                               "dpmsolver++", "dpmsolver++-karras", "ddim", "flow-euler", "unipc", "euler",
+                               "euler-ancestral"}
+    assert isinstance(scheduler_from_config({"_class_name": "EulerDiscreteScheduler"}), EulerDiscrete)
+    karras = scheduler_from_config(PIXART_SIGMA, "dpmsolver++-karras")
+    assert karras.config.use_karras_sigmas and not DPMSolverMultistep.from_config(PIXART_SIGMA).config.use_karras_sigmas
     with pytest.raises(LitedgeError, match="unknown scheduler"):
-        scheduler_from_config({"_class_name": "EulerDiscreteScheduler"})
+        scheduler_from_config({"_class_name": "HeunDiscreteScheduler"})
     with pytest.raises(LitedgeError, match="unknown scheduler"):
         scheduler_from_config({})
 
@@ -218,3 +277,36 @@ def test_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "float32"
+
+
+def test_euler_ancestral_noise_per_row_from_its_own_generator():
+    """Row b of a batch run with generators [g0, g1] equals a batch-1 run with g_b alone."""
+    s = EulerAncestral.from_config(PIXART_SIGMA)
+    s.set_timesteps(6)
+    x = (np.random.default_rng(2).standard_normal((2, 4, 4, 4)) * s.init_noise_sigma).astype(np.float32)
+
+    def run(rows: np.ndarray, seeds: list[int]) -> np.ndarray:
+        s.generator = [np.random.default_rng(k) for k in seeds]
+        for i in range(s.num_inference_steps):
+            rows = s.step(np.tanh(s.scale_model_input(rows, i)), i, rows)
+        return rows
+
+    batch = run(x, [5, 9])
+    np.testing.assert_array_equal(batch[1:], run(x[1:], [9]))
+    np.testing.assert_array_equal(batch[:1], run(x[:1], [5]))
+    assert not np.allclose(batch, run(x, [5, 10]))
+    s.generator = [np.random.default_rng(0)]
+    with pytest.raises(LitedgeError, match="1 generators for a batch of 2"):
+        s.step(x, 0, x)
+
+
+def test_scale_model_input_is_the_identity_except_for_euler():
+    x = np.full(SHAPE, 3.0, np.float32)
+    for cls in (DPMSolverMultistep, DDIM, FlowMatchEuler, UniPCMultistep):
+        s = cls.from_config({})
+        s.set_timesteps(4)
+        assert s.scale_model_input(x, 0) is x and s.init_noise_sigma == 1.0
+    e = EulerDiscrete.from_config(PIXART_SIGMA)
+    e.set_timesteps(4)
+    np.testing.assert_allclose(e.scale_model_input(x, 0), x / np.sqrt(e.sigmas[0] ** 2 + 1), rtol=1e-6)
+    assert e.scale_model_input(x, 0).dtype == np.float32 and e.init_noise_sigma == pytest.approx(e.sigmas[0])

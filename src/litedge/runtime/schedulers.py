@@ -7,13 +7,30 @@ reads the ``scheduler_config.json`` diffusers writes, and shares one signature::
     scheduler.set_timesteps(20)
     latents = noise * scheduler.init_noise_sigma                   # (B, C, H, W)
     for i, t in enumerate(scheduler.timesteps):
-        eps = transformer(latents, t)                              # same shape as latents
+        eps = transformer(scheduler.scale_model_input(latents, i), t)  # same shape as latents
         latents = scheduler.step(eps, i, latents)
 
 Keys a scheduler does not know are ignored (as diffusers ignores them); a known setting
 litedge does not implement raises :class:`LitedgeError` instead of computing something else.
-``scale_model_input`` is the identity for all three diffusers schedulers here, so there
-is none; ``init_noise_sigma`` is 1.0 for all three.
+
+The loop is the same for every scheduler: ``init_noise_sigma`` (set by ``set_timesteps``)
+scales the initial noise, ``scale_model_input(x, i)`` is what the model sees at step i
+(the identity except for the Euler schedulers, which divide by ``sqrt(sigma_i^2 + 1)``),
+and a stochastic scheduler (Euler-ancestral) draws its noise from ``scheduler.generator``:
+one ``numpy.random.Generator``, or a list of them, one per batch row (row b's noise from
+generator b, so image b of a batch equals a batch-1 run with that generator).
+
+=====================  ===================================  ==========================
+litedge name           diffusers class                      kind
+=====================  ===================================  ==========================
+``dpmsolver++``        DPMSolverMultistepScheduler          multistep ODE, order 1-2
+``dpmsolver++-karras`` the same, ``use_karras_sigmas=True``
+``unipc``              UniPCMultistepScheduler              multistep ODE, bh1/bh2
+``euler``              EulerDiscreteScheduler               ODE, scaled model input
+``euler-ancestral``    EulerAncestralDiscreteScheduler      SDE (noise every step)
+``ddim``               DDIMScheduler                        ODE (eta 0)
+``flow-euler``         FlowMatchEulerDiscreteScheduler      rectified flow (SD3)
+=====================  ===================================  ==========================
 
 Coefficients are computed in float64; ``step`` returns the sample's own dtype.
 Model outputs with learned sigma (2C channels) are split explicitly with
@@ -125,6 +142,38 @@ def _alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float
     return np.cumprod(np.float32(1.0) - betas, dtype=np.float32).astype(np.float64)
 
 
+def _multistep_timesteps(last: int, T: int, n: int, spacing: str, offset: int) -> np.ndarray:
+    """The n integer timesteps (n,) int64 of the multistep solvers (DPM-Solver, UniPC), as diffusers
+    spaces them: ``linspace`` over n+1 points dropping the last, ``leading``, ``trailing``."""
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + offset
+    return np.arange(last, 0, -T / n).round().astype(np.int64) - 1  # trailing
+
+
+def _refuse_repeated_timesteps(scheduler: "Scheduler", n: int) -> None:
+    """Refuse ``n`` steps whose integer timesteps repeat (rounding ``n`` points onto fewer
+    training timesteps: a zero-length step divides by zero), naming the most that do not."""
+    t = np.asarray(scheduler.timesteps)
+    if t.size < 2 or np.unique(t).size == t.size:
+        return
+    best = 1
+    for m in range(n - 1, 1, -1):
+        scheduler._set_timesteps(m)
+        if np.unique(np.asarray(scheduler.timesteps)).size == len(scheduler.timesteps):
+            best = m
+            break
+    scheduler._set_timesteps(best)
+    raise LitedgeError(f"{scheduler.class_name}: {n} steps would repeat timesteps of this "
+                       f"{scheduler.config.num_train_timesteps}-step schedule; use at most {best} steps")
+
+
+def _ve_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """VE noise levels ``sqrt((1 - abar) / abar)`` (T,) float64 of a training table."""
+    return np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+
+
 class Scheduler(abc.ABC):
     """Common interface: ``from_config``, ``set_timesteps(n)``, ``step(output, i, sample)``.
 
@@ -135,17 +184,25 @@ class Scheduler(abc.ABC):
     short_name: ClassVar[str]                 # litedge's name (bundle manifest "scheduler.type")
     config_class: ClassVar[type]              # the frozen dataclass of implemented settings
     _FIXED: ClassVar[dict[str, tuple]] = {}   # diffusers settings pinned to these values
-    init_noise_sigma: ClassVar[float] = 1.0   # std of the initial noise: latents = noise * this
+    _OVERRIDES: ClassVar[dict] = {}           # settings a named variant forces over the config
+    flow: ClassVar[bool] = False              # for flow-matching (velocity) models, not noise ones
+    init_noise_sigma: float = 1.0             # std of the initial noise: latents = noise * this
 
     def __init__(self, config) -> None:
         self.config = config
         self.timesteps = np.zeros(0)
         self.num_inference_steps = 0
+        # noise source of stochastic schedulers: a Generator, or one per batch row
+        self.generator: np.random.Generator | list[np.random.Generator] | None = None
 
     @classmethod
     def from_config(cls, config: dict) -> "Scheduler":
         """Build from a diffusers ``scheduler_config.json`` dict (unknown keys ignored)."""
-        return cls(_parse_config(cls.class_name, cls.config_class, cls._FIXED, config))
+        return cls(_parse_config(cls.class_name, cls.config_class, cls._FIXED, {**config, **cls._OVERRIDES}))
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        """What the model is fed at step i for ``sample`` (B, C, H, W): the sample itself here."""
+        return sample
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Fill ``timesteps`` for ``num_inference_steps`` steps (an int >= 1) and reset state."""
@@ -153,6 +210,7 @@ class Scheduler(abc.ABC):
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
             raise LitedgeError(f"{self.class_name}: num_inference_steps must be a positive integer, got {n!r}")
         self._set_timesteps(int(n))
+        _refuse_repeated_timesteps(self, int(n))  # a repeated timestep is a zero-length step (h = 0)
         self.num_inference_steps = len(self.timesteps)
 
     @abc.abstractmethod
@@ -242,13 +300,7 @@ class DPMSolverMultistep(Scheduler):
             sigmas, timesteps = self._karras(n)
         else:
             last = T - int(np.sum(-np.log(self.train_sigmas) < c.lambda_min_clipped))  # lambda clipping
-            if c.timestep_spacing == "linspace":
-                timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-            elif c.timestep_spacing == "leading":
-                ratio = last // (n + 1)
-                timesteps = (np.arange(n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + c.steps_offset
-            else:  # trailing
-                timesteps = np.arange(last, 0, -T / n).round().astype(np.int64) - 1
+            timesteps = _multistep_timesteps(last, T, n, c.timestep_spacing, c.steps_offset)
             sigmas = self.train_sigmas[timesteps]
         final = self.train_sigmas[0] if c.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = np.append(sigmas, final)
@@ -404,6 +456,7 @@ class FlowMatchEuler(Scheduler):
 
     class_name = "FlowMatchEulerDiscreteScheduler"
     short_name = "flow-euler"
+    flow = True
     config_class = FlowMatchEulerConfig
     _FIXED = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shift_terminal": (None, 0, 0.0),
               "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
@@ -432,11 +485,308 @@ class FlowMatchEuler(Scheduler):
         return (sample.astype(np.float64) + dt * model_output.astype(np.float64)).astype(sample.dtype)
 
 
+class DPMSolverKarras(DPMSolverMultistep):
+    """DPM-Solver++ 2M on Karras et al.'s rho=7 sigmas ("DPM++ 2M Karras"): the bundle's
+    DPMSolverMultistepScheduler config with ``use_karras_sigmas=True``."""
+
+    short_name = "dpmsolver++-karras"
+    _OVERRIDES = {"use_karras_sigmas": True}
+
+
+# -- UniPC -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UniPCConfig:
+    """The UniPCMultistepScheduler settings litedge implements (diffusers' defaults)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: BetaSchedule = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: Prediction = "epsilon"
+    solver_order: Literal[1, 2, 3] = 2
+    solver_type: Literal["bh1", "bh2"] = "bh2"
+    lower_order_final: bool = True
+    timestep_spacing: Spacing = "linspace"
+    steps_offset: int = 0
+    final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
+
+
+class UniPCMultistep(Scheduler):
+    """UniPC (Zhao et al. 2023): a multistep predictor (UniP) and corrector (UniC) on the data
+    prediction x0 = diffusers' ``UniPCMultistepScheduler`` with ``predict_x0=True``.
+
+    Step i first corrects the sample with this step's x0 (UniC, from step 1 on), then predicts
+    the next one (UniP) from the last ``order`` x0 estimates. Multistep state as
+    :class:`DPMSolverMultistep`: ``i == 0`` or :meth:`reset` starts a trajectory, steps run in order.
+    """
+
+    class_name = "UniPCMultistepScheduler"
+    short_name = "unipc"
+    config_class = UniPCConfig
+    _FIXED = {"predict_x0": (True,), "thresholding": (False,), "disable_corrector": ([],), "solver_p": (None,),
+              "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+              "use_flow_sigmas": (False,), "rescale_betas_zero_snr": (False,), "use_dynamic_shifting": (False,),
+              "sigma_min": (None,), "sigma_max": (None,), "shift_terminal": (None,)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Scheduler":
+        """As diffusers, a DPM-Solver ``solver_type`` (midpoint, heun, logrho) reads as ``bh2``."""
+        if config.get("solver_type") in ("midpoint", "heun", "logrho"):
+            config = {**config, "solver_type": "bh2"}
+        return super().from_config(config)
+
+    def __init__(self, config: UniPCConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.train_sigmas = _ve_sigmas(_alphas_cumprod(                     # (T,) VE sigma
+            c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas))
+        self.sigmas = np.zeros(0)                                           # (n+1,) after set_timesteps
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous steps (start a new trajectory)."""
+        self._x0s: list[np.ndarray] = []          # the last solver_order data predictions, oldest first
+        self._last: tuple[int, np.ndarray, int] | None = None   # (step, sample before UniP, order used)
+
+    def _set_timesteps(self, n: int) -> None:
+        c, T = self.config, self.config.num_train_timesteps
+        if n > T:
+            raise LitedgeError(f"{self.class_name}: {n} steps > num_train_timesteps={T}; use at most {T}")
+        self.timesteps = _multistep_timesteps(T, T, n, c.timestep_spacing, c.steps_offset)
+        final = self.train_sigmas[0] if c.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = np.append(self.train_sigmas[self.timesteps], final).astype(np.float32).astype(np.float64)
+        self.reset()
+
+    def _lambda(self, j: int) -> tuple[float, float, float]:
+        """VP (alpha, sigma) and log-SNR lambda = log(alpha / sigma) at ``sigmas[j]`` (inf at sigma 0)."""
+        s = self.sigmas[j]
+        alpha = 1.0 / math.sqrt(1.0 + s * s)
+        return alpha, s * alpha, (math.inf if s == 0 else -math.log(s))
+
+    def _update(self, x: np.ndarray, src: int, dst: int, x0: np.ndarray, history: list[np.ndarray],
+                order: int, x0_dst: np.ndarray | None) -> np.ndarray:
+        """One UniP (``x0_dst`` None) or UniC update from ``sigmas[src]`` to ``sigmas[dst]``.
+
+        x0: the data prediction at ``src``; history: the ones at src-1, src-2, ... (order-1 used);
+        x0_dst: UniC's data prediction at ``dst``. float64 arrays (B, C, H, W).
+        """
+        alpha_t, sigma_t, lam_t = self._lambda(dst)
+        _, sigma_s, lam_s = self._lambda(src)
+        hh = -(lam_t - lam_s)                                  # -h, predict_x0
+        rks, d1s = [], []
+        for k in range(1, order):
+            rk = (self._lambda(src - k)[2] - lam_s) / (lam_t - lam_s)
+            rks.append(rk)
+            d1s.append((history[k - 1] - x0) / rk)
+        h_phi_1 = math.expm1(hh)                               # e^-h - 1
+        b_h = hh if self.config.solver_type == "bh1" else h_phi_1
+        r, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
+        for k in range(1, order + 1):
+            r.append(np.power(np.array(rks + [1.0]), k - 1))
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        out = sigma_t / sigma_s * x - alpha_t * h_phi_1 * x0
+        if x0_dst is None:                                     # UniP: order - 1 differences
+            if d1s:
+                rhos = [0.5] if order == 2 else np.linalg.solve(np.array(r)[:-1, :-1], np.array(b)[:-1])
+                out = out - alpha_t * b_h * sum(rho * d for rho, d in zip(rhos, d1s))
+            return out
+        rhos = [0.5] if order == 1 else np.linalg.solve(np.array(r), np.array(b))  # UniC: one more
+        res = sum((rho * d for rho, d in zip(rhos[:-1], d1s)), np.zeros_like(x)) + rhos[-1] * (x0_dst - x0)
+        return out - alpha_t * b_h * res
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """UniC on ``sample`` with this step's x0 (i > 0), then UniP to step i+1.
+
+        Shapes as :meth:`DPMSolverMultistep.step`; returns ``sample.dtype``.
+        """
+        self._check_step(model_output, i, sample)
+        if i == 0:
+            self.reset()
+        if self._last is not None and self._last[0] != i - 1:
+            raise LitedgeError(f"{self.class_name}: step({i}) after step({self._last[0]}); run the steps in "
+                               "order, or call reset() to start a new trajectory at this step")
+        c, n = self.config, self.num_inference_steps
+        x = sample.astype(np.float64)
+        alpha, sigma, _ = self._lambda(i)
+        x0 = _vp_x0(c.prediction_type, model_output.astype(np.float64), x, alpha, sigma)
+        if self._last is not None:                             # correct the sample UniP predicted
+            _, last_x, last_order = self._last
+            x = self._update(last_x, i - 1, i, self._x0s[-1], self._x0s[-2::-1], last_order, x0)
+        self._x0s = (self._x0s + [x0])[-c.solver_order:]
+        order = min(c.solver_order, n - i) if c.lower_order_final else c.solver_order
+        order = min(order, len(self._x0s))                     # warm-up: the history there is
+        self._last = (i, x, order)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = self._update(x, i, i + 1, x0, self._x0s[-2::-1], order, None)
+        return out.astype(sample.dtype)
+
+
+def _vp_x0(prediction: str, output: np.ndarray, x: np.ndarray, alpha: float, sigma: float) -> np.ndarray:
+    """Data prediction from a VP-parameterized model output (x = alpha x0 + sigma eps)."""
+    if prediction == "epsilon":
+        return (x - sigma * output) / alpha
+    if prediction == "v_prediction":
+        return alpha * x - sigma * output
+    return output
+
+
+# -- Euler, Euler-ancestral (k-diffusion's samplers on VE sigmas) ---------------------------------
+
+@dataclass(frozen=True)
+class EulerConfig:
+    """The EulerDiscreteScheduler settings litedge implements (diffusers' defaults)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: BetaSchedule = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: Prediction = "epsilon"
+    use_karras_sigmas: bool = False
+    timestep_spacing: Spacing = "linspace"
+    steps_offset: int = 0
+    final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
+
+
+@dataclass(frozen=True)
+class EulerAncestralConfig:
+    """The EulerAncestralDiscreteScheduler settings litedge implements (diffusers' defaults)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: BetaSchedule = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    timestep_spacing: Spacing = "linspace"
+    steps_offset: int = 0
+
+
+class EulerDiscrete(Scheduler):
+    """Euler on the probability-flow ODE in VE form (Karras et al. 2022, Algorithm 2 without churn)
+    = diffusers' ``EulerDiscreteScheduler``.
+
+    The sample lives at VE scale ``x = x0 + sigma eps``: the initial noise is scaled by
+    ``init_noise_sigma`` (sigma_max, or sqrt(sigma_max^2 + 1) for ``leading`` spacing) and the
+    model sees ``scale_model_input(x, i) = x / sqrt(sigma_i^2 + 1)``. Timesteps are float32 (the
+    sigmas' positions in the training table). Stateless.
+    """
+
+    class_name = "EulerDiscreteScheduler"
+    short_name = "euler"
+    config_class = EulerConfig
+    _FIXED = {"interpolation_type": ("linear",), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+              "sigma_min": (None,), "sigma_max": (None,), "timestep_type": ("discrete",),
+              "rescale_betas_zero_snr": (False,)}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        c = config
+        # as diffusers: VE sigmas of the float32 table computed in float32 (the Karras timesteps
+        # interpolate in their logs, where float64 would move a timestep by ~1e-4)
+        abar = _alphas_cumprod(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule,
+                               c.trained_betas).astype(np.float32)
+        self.train_sigmas = ((1 - abar) / abar) ** np.float32(0.5)          # (T,) float32
+        self.sigmas = np.zeros(0)                                           # (n+1,) float64 after set_timesteps
+
+    def _set_timesteps(self, n: int) -> None:
+        c, T = self.config, self.config.num_train_timesteps
+        if n > T:
+            raise LitedgeError(f"{self.class_name}: {n} steps > num_train_timesteps={T}; use at most {T}")
+        if c.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        elif c.timestep_spacing == "leading":
+            timesteps = (np.arange(n) * (T // n)).round()[::-1].astype(np.float32) + c.steps_offset
+        else:  # trailing
+            timesteps = np.arange(T, 0, -T / n).round().astype(np.float32) - 1
+        sigmas = np.interp(timesteps, np.arange(T), self.train_sigmas)      # (n,) float64
+        if getattr(c, "use_karras_sigmas", False):
+            rho, s_min, s_max = 7.0, sigmas[-1], sigmas[0]
+            ramp = np.linspace(0, 1, n)
+            sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            timesteps = _sigma_to_t(sigmas, np.log(self.train_sigmas)).astype(np.float32)  # float32 table
+        final = self.train_sigmas[0] if getattr(c, "final_sigmas_type", "zero") == "sigma_min" else 0.0
+        self.sigmas = np.append(sigmas, final).astype(np.float32).astype(np.float64)
+        self.timesteps = timesteps
+        top = float(self.sigmas.max())
+        self.init_noise_sigma = top if c.timestep_spacing in ("linspace", "trailing") else math.sqrt(top * top + 1)
+
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        """``sample / sqrt(sigma_i^2 + 1)``: the VE sample at VP scale, as the model was trained."""
+        return (sample / math.sqrt(self.sigmas[i] ** 2 + 1)).astype(sample.dtype)
+
+    def _x0(self, model_output: np.ndarray, x: np.ndarray, s: float) -> np.ndarray:
+        """Data prediction at VE sigma ``s`` (float64 arrays; the model saw x / sqrt(s^2 + 1))."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return x - s * model_output
+        if kind == "v_prediction":
+            return model_output * (-s / math.sqrt(s * s + 1)) + x / (s * s + 1)
+        return model_output
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """One Euler step ``x + (sigma_{i+1} - sigma_i) (x - x0) / sigma_i``. Shapes as
+        :meth:`DPMSolverMultistep.step`; ``model_output`` is the model's at the scaled input."""
+        self._check_step(model_output, i, sample)
+        x, s = sample.astype(np.float64), self.sigmas[i]
+        derivative = (x - self._x0(model_output.astype(np.float64), x, s)) / s
+        return (x + derivative * (self.sigmas[i + 1] - s)).astype(sample.dtype)
+
+
+class EulerAncestral(EulerDiscrete):
+    """Euler-ancestral = diffusers' ``EulerAncestralDiscreteScheduler``: an Euler step down to
+    ``sigma_down``, then fresh noise of std ``sigma_up`` (sigma_down^2 + sigma_up^2 = sigma_{i+1}^2).
+
+    The noise comes from ``self.generator`` (a numpy Generator, or a list with one per batch
+    row; None: a fresh unseeded Generator), drawn as ``standard_normal(shape, float32)``.
+    """
+
+    class_name = "EulerAncestralDiscreteScheduler"
+    short_name = "euler-ancestral"
+    config_class = EulerAncestralConfig
+    _FIXED = {"rescale_betas_zero_snr": (False,)}
+
+    def _noise(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Standard normal float32 noise of ``shape`` (B, ...): row b from generator b of a list."""
+        gen = self.generator if self.generator is not None else np.random.default_rng()
+        if isinstance(gen, np.random.Generator):
+            return gen.standard_normal(shape, dtype=np.float32)
+        if len(gen) != shape[0]:
+            raise LitedgeError(f"{self.class_name}: {len(gen)} generators for a batch of {shape[0]}; "
+                               "give one numpy Generator per image")
+        return np.stack([g.standard_normal(shape[1:], dtype=np.float32) for g in gen])
+
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
+        """One ancestral step; draws ``sample.shape`` noise. Shapes as :meth:`EulerDiscrete.step`."""
+        self._check_step(model_output, i, sample)
+        x, s, s_to = sample.astype(np.float64), self.sigmas[i], self.sigmas[i + 1]
+        sigma_up = math.sqrt(s_to**2 * (s**2 - s_to**2) / s**2)
+        sigma_down = math.sqrt(s_to**2 - sigma_up**2)
+        derivative = (x - self._x0(model_output.astype(np.float64), x, s)) / s
+        out = x + derivative * (sigma_down - s) + self._noise(sample.shape) * sigma_up
+        return out.astype(sample.dtype)
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps (n,) float64 of VE ``sigmas``: linear in log sigma between
+    the entries of the increasing ``log_table`` (T,), clamped at its ends, as diffusers' ``_sigma_to_t``."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    low = np.clip(np.searchsorted(log_table, log_sigma, side="right") - 1, 0, len(log_table) - 2)
+    w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
 # -- registry --------------------------------------------------------------------------------
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    name: cls for cls in (DPMSolverMultistep, DDIM, FlowMatchEuler) for name in (cls.class_name, cls.short_name)
+    name: cls for cls in (DPMSolverMultistep, DDIM, FlowMatchEuler, UniPCMultistep, EulerDiscrete, EulerAncestral)
+    for name in (cls.class_name, cls.short_name)
 }
+SCHEDULERS[DPMSolverKarras.short_name] = DPMSolverKarras  # a named variant: no diffusers class of its own
 
 
 def scheduler_from_config(config: dict, name: str | None = None) -> Scheduler:
