@@ -17,6 +17,9 @@ batch, the last chunk padded by repeating its last row, and returns only the rea
 
 from __future__ import annotations
 
+import hashlib
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -43,12 +46,65 @@ def _plugin_options(component: Component) -> dict[str, str]:
     return {option: str(qnn[key]) for key, option in keys.items() if key in qnn}
 
 
-def _session_options(device: Device, low_memory: bool, component: Component | None = None) -> ort.SessionOptions:
+def cpu_threads() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's share), at least 1.
+
+    ``LITEDGE_THREADS`` overrides it (a benchmark sharing the machine, a user leaving cores free).
+    """
+    env = os.environ.get("LITEDGE_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise LitedgeError(f"LITEDGE_THREADS={env!r}: expected a thread count like 4") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(device: Device, low_memory: bool = False, component: Component | None = None, *,
+                    profile_prefix: str | None = None, optimized_path: Path | None = None) -> ort.SessionOptions:
+    """The ``ort.SessionOptions`` every litedge session runs with, each set on purpose.
+
+    - Threads: ``intra_op_num_threads`` = :func:`cpu_threads`. onnxruntime's default counts
+      the *host's* physical cores, which in a container or under ``taskset`` oversubscribes
+      the cores this process really has (threads then wait on each other at every op: a
+      step's cost stops being linear in its work). ``inter_op_num_threads`` 1 with the
+      sequential executor: a transformer is a chain of large ops, each already parallel
+      inside; a second pool would only compete for the same cores. ``LITEDGE_ORT_SPIN=0``
+      stops idle workers spinning (for benchmarks sharing the cores with another runtime).
+    - Graph optimizations: ``ORT_ENABLE_ALL`` (constant folding, the built-in fusions, and on
+      CPU the NCHWc layout for convolutions). The per-machine result can be cached:
+      ``optimized_path`` (see :func:`optimized_graph_path`) makes onnxruntime write the
+      optimized graph there, which a later session loads with optimizations off, saving
+      the optimization time at start (not per step).
+    - Memory: the CPU arena and memory patterns stay on (after the warm-up a step allocates
+      nothing: no page faults, no ``malloc`` of GB-sized activations per op). ``low_memory``
+      turns both off so memory goes back to the OS after each run.
+    - ``profile_prefix``: onnxruntime's profiler on, traces written with that prefix
+      (``lit-profile --ops``).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
+    options.intra_op_num_threads = cpu_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if os.environ.get("LITEDGE_ORT_SPIN", "").strip() == "0":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if low_memory:
         options.enable_cpu_mem_arena = False  # give memory back after each run
         options.enable_mem_pattern = False
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+        # a >2 GB graph cannot be one protobuf: its weights go to a file beside it
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         optimized_path.name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if device.plugin_package is not None and (component is None or _on_plugin(device, component)):
         # a plug-in EP is added per device, not by name
         ep_devices = [d for d in ort.get_ep_devices() if d.ep_name == device.provider]
@@ -56,11 +112,48 @@ def _session_options(device: Device, low_memory: bool, component: Component | No
     return options
 
 
+_session_options = session_options  # the name bench/int4.py patches
+
+# Execution providers whose sessions run through IO binding, and onnxruntime's name of their device.
+IO_BINDING_PROVIDERS = frozenset({"CUDAExecutionProvider"})
+ORT_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+
+
+def optimized_graph_path(component: Component, device: Device, cache_dir: str | Path | None = None) -> Path | None:
+    """Where the optimized graph of ``component`` on ``device`` is cached, or None (no cache).
+
+    The cache is opt-in: ``cache_dir`` or ``LITEDGE_ORT_CACHE``. The key is the component's
+    sha256 (from the verified manifest), the device, the CPU model and onnxruntime's version,
+    because an ``ORT_ENABLE_ALL`` graph is specific to the machine it was optimized on.
+    Plug-in EPs (QNN) compile their own context and are not cached here.
+    """
+    root = cache_dir if cache_dir is not None else os.environ.get("LITEDGE_ORT_CACHE", "").strip() or None
+    if root is None or device.plugin_package is not None or not component.sha256:
+        return None
+    files = "|".join([component.sha256, *(str(e.get("sha256", "")) for e in component.extra_files)])
+    key = hashlib.sha256(f"{files}|{device.provider}|{_cpu_model()}|{ort.__version__}".encode()).hexdigest()
+    return Path(root) / f"{key[:32]}.onnx"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 class ComponentSession:
     """An ``ort.InferenceSession`` for one component; ``run_seconds`` sums time inside ORT."""
 
     def __init__(self, name: str, component: Component, session: ort.InferenceSession,
-                 bucket: str | None = None) -> None:
+                 bucket: str | None = None, *, io_binding: bool = False, device: Device | None = None) -> None:
+        self.io_binding = io_binding
+        self._ort_device = ORT_DEVICE.get(device.provider, "cpu") if device is not None else "cpu"
+        self._bound: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}  # input -> (array, its device copy)
+        self.uploads = 0  # host -> device input copies made (IO binding)
         self.name = name
         self.component = component
         self.session = session
@@ -74,9 +167,14 @@ class ComponentSession:
 
     @classmethod
     def open(cls, bundle_dir: str | Path, name: str, component: Component, device: Device,
-             low_memory: bool = False, bucket: str | None = None) -> ComponentSession:
+             low_memory: bool = False, bucket: str | None = None, *, io_binding: bool | None = None,
+             cache_dir: str | Path | None = None) -> ComponentSession:
         """Load ``component`` of the bundle at ``bundle_dir`` on ``device``; ``bucket`` ("HxW")
         picks the graph of a static-shape component (``meta["buckets"]``).
+
+        ``io_binding``: run through onnxruntime's IO binding (None: when the EP is in
+        :data:`IO_BINDING_PROVIDERS`, i.e. CUDA). ``cache_dir``: the optimized-graph cache
+        (:func:`optimized_graph_path`; default ``LITEDGE_ORT_CACHE``, else none).
 
         Raises:
             LitedgeError: the file is not a model onnxruntime can load on that device, or
@@ -90,7 +188,15 @@ class ComponentSession:
                                    f"not {bucket}: use one of those sizes or re-export with --sizes")
             file = buckets[bucket]
         path = resolve_path(bundle_dir, file)
-        options = _session_options(device, low_memory, component)
+        cached = optimized_graph_path(component, device, cache_dir) if bucket is None else None
+        if cached is not None and cached.is_file():  # optimized on this machine before: load as is
+            options = session_options(device, low_memory, component)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            path = cached
+        else:
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+            options = session_options(device, low_memory, component, optimized_path=cached)
         if device.plugin_package is None:
             providers = device.providers
         else:
@@ -101,7 +207,8 @@ class ComponentSession:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LitedgeError(f"{name}: onnxruntime cannot load {path.name} on {device.name} ({first}); "
                                "re-export the bundle, or try --device cpu") from None
-        return cls(name, component, session, bucket)
+        bind = device.provider in IO_BINDING_PROVIDERS if io_binding is None else io_binding
+        return cls(name, component, session, bucket, io_binding=bind, device=device)
 
     def dtype(self, input_name: str) -> np.dtype:
         """The numpy dtype the manifest declares for an input."""
@@ -167,13 +274,40 @@ class ComponentSession:
     def _run_once(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.check_inputs(feeds)
         start = time.perf_counter()
-        out = self.session.run(names, feeds)
+        out = self._run_bound(names, feeds) if self.io_binding else self.session.run(names, feeds)
         self.run_seconds += time.perf_counter() - start
         self.runs += 1
         return out
 
+    def _device_value(self, name: str, value: np.ndarray) -> ort.OrtValue:
+        """``value`` on the EP's device; the same array object as last call is not copied again."""
+        held = self._bound.get(name)
+        if held is not None and held[0] is value:
+            return held[1]
+        device_value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self._ort_device, 0)
+        self._bound[name] = (value, device_value)
+        self.uploads += 1
+        return device_value
+
+    def _run_bound(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One run through IO binding: inputs on the device (the prompt embeddings and masks a
+        denoising loop passes unchanged at every step are uploaded once), outputs allocated
+        on the device by onnxruntime, then copied to the host for the numpy scheduler.
+
+        An input array passed again as the same object is taken as unchanged: pass a new
+        array, not one modified in place, when its values change.
+        """
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, self._device_value(name, value))
+        for name in names:
+            binding.bind_output(name, self._ort_device, 0)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
     def close(self) -> None:
-        """Release the session (its weights and arenas)."""
+        """Release the session (its weights and arenas) and the inputs held on the device."""
+        self._bound.clear()
         self.session = None  # type: ignore[assignment]
 
 
