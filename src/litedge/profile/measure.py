@@ -4,6 +4,11 @@ For each size: the transformer step (cond + uncond in one batch when the bundle'
 guidance uses classifier-free guidance), the VAE decode, the text encoder (size
 independent), and an end-to-end estimate for the bundle's default step count; medians
 and min/max over ``repeat`` runs after one warm-up, and the peak resident memory.
+
+At most one session is held at a time (each component is opened, measured and released;
+``--ops`` releases the timing session before it opens the profiling one), so the peak
+memory of a size is that of its largest component, never two copies of the transformer.
+Running out of memory is one line (:class:`LitedgeError`), not a traceback.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import onnxruntime as ort
 from litedge.bundle import Manifest, verify_bundle
 from litedge.errors import LitedgeError
 from litedge.profile.inputs import synthetic_feed
-from litedge.profile.ops import group_op_times
+from litedge.profile.ops import op_stats
 from litedge.runtime.devices import Device, resolve_device
-from litedge.runtime.session import ComponentSession
+from litedge.runtime.memory import check_profile_sizes
+from litedge.runtime.session import ComponentSession, session_options
 
 
 @dataclass
@@ -50,6 +56,8 @@ class SizeProfile:
     end_to_end: float = float("nan")
     peak_rss_mb: float = float("nan")
     op_groups: dict[str, float] | None = None
+    # --ops: per group seconds / GFLOP / GFLOP/s, seconds per op type, peak arena MB (ops.op_stats)
+    op_stats: dict | None = None
 
 
 @dataclass
@@ -106,6 +114,8 @@ def _peak_rss_mb() -> float:
 
 
 def _time_runs(session: ComponentSession, feed: dict[str, np.ndarray], repeat: int, per_call: int = 1) -> Timing:
+    """Seconds per ``session`` call: one warm-up (memory planning, arena growth), then ``repeat``
+    timed repeats of ``per_call`` calls each."""
     session.session.run(None, feed)  # warm-up
     samples = []
     for _ in range(repeat):
@@ -130,22 +140,57 @@ def check_sizes(manifest: Manifest, sizes: list[tuple[int, int]]) -> None:
                                "profile those sizes, or re-export with --sizes including it")
 
 
-def _op_groups(bundle_dir: Path, manifest: Manifest, device: Device, feed: dict[str, np.ndarray],
-               repeat: int) -> dict[str, float]:
-    """Transformer op time (s per step, mean of ``repeat`` runs after a warm-up) by group."""
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.log_severity_level = 3
-    options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"litedge-profile-{os.getpid()}")
-    path = bundle_dir / manifest.components["transformer"].file
+def _op_stats(bundle_dir: Path, manifest: Manifest, device: Device, feed: dict[str, np.ndarray],
+              repeat: int) -> dict:
+    """Transformer op time per step by group (:func:`litedge.profile.ops.op_stats`), from
+    onnxruntime's profiler over ``repeat`` runs after a warm-up, with the runtime's own options."""
+    component = manifest.components["transformer"]
+    prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"litedge-profile-{os.getpid()}")
+    options = session_options(device, False, component, profile_prefix=prefix)
+    path = bundle_dir / component.file
     session = ort.InferenceSession(str(path), sess_options=options, providers=device.providers)
-    for _ in range(repeat + 1):
-        session.run(None, feed)
-    trace = Path(session.end_profiling())
     try:
-        return group_op_times(trace, manifest.model.get("base", ""), skip_runs=1)
+        for _ in range(repeat + 1):
+            session.run(None, feed)
+    finally:
+        trace = Path(session.end_profiling())
+        del session
+    try:
+        return op_stats(trace, manifest.model.get("base", ""), skip_runs=1)
     finally:
         trace.unlink(missing_ok=True)
+
+
+_OOM_MARKS = ("failed to allocate memory", "bad_alloc", "out of memory", "cannot allocate memory")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKS)
+
+
+def _guard_memory(what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with running out of memory turned into one LitedgeError line."""
+    try:
+        return fn(*args, **kwargs)
+    except LitedgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001  ORT raises RuntimeException / Fail; numpy MemoryError
+        if not _is_oom(exc):
+            raise
+        free = _available_mb()
+        raise LitedgeError(f"{what}: out of memory ({free:.0f} MB available); profile smaller --sizes, close other "
+                           "programs, or for a softmax teacher re-export with lit-export --teacher "
+                           "(attention in query chunks)") from None
+
+
+def _available_mb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def profile_bundle(path: str | os.PathLike, sizes: list[tuple[int, int]], *, repeat: int = 5, steps: int = 2,
@@ -165,29 +210,44 @@ def profile_bundle(path: str | os.PathLike, sizes: list[tuple[int, int]], *, rep
     bundle_dir = Path(path)
     manifest = verify_bundle(bundle_dir)
     check_sizes(manifest, sizes)
+    check_profile_sizes(manifest, bundle_dir, sizes, float(manifest.defaults.get("guidance_scale", 1.0)) > 1.0)
     dev = resolve_device(device, manifest.target)
     model = manifest.model
     batch = 2 if float(manifest.defaults.get("guidance_scale", 1.0)) > 1.0 else 1
     text_length = int(model.get("text_max_length") or 0) or 1
     profile = BundleProfile(bundle=bundle_dir.name, family=model.get("family", "?"), device=device_info(dev, manifest),
                             steps=int(manifest.defaults.get("steps", 20)), batch=batch)
-    sessions = {name: ComponentSession.open(bundle_dir, name, comp, dev) for name, comp in manifest.components.items()}
+    comps = manifest.components
+
+    def measure(name: str, feed: dict[str, np.ndarray], where: str, per_call: int = 1) -> Timing:
+        """Open ``name``, time it, release it: one session at a time."""
+        session = _guard_memory(f"{name}{where}", ComponentSession.open, bundle_dir, name, comps[name], dev)
+        try:
+            return _guard_memory(f"{name}{where}", _time_runs, session, feed, repeat, per_call)
+        finally:
+            session.close()
+            del session
+
     text_time = None
-    if "text_encoder" in sessions:
-        feed = synthetic_feed(manifest.components["text_encoder"], {"batch": batch, "text_length": text_length})
-        text_time = _time_runs(sessions["text_encoder"], feed, repeat)
+    if "text_encoder" in comps:
+        feed = synthetic_feed(comps["text_encoder"], {"batch": batch, "text_length": text_length})
+        text_time = measure("text_encoder", feed, "")
     factor = int(model.get("vae_scale_factor", 8))
     for h, w in sizes:
         _reset_peak_rss()
         result = SizeProfile(h, w)
+        where = f" at {h}x{w}"
         dims = {"batch": batch, "height": h // factor, "width": w // factor, "text_length": text_length}
-        feed = synthetic_feed(manifest.components["transformer"], dims)
-        result.components["transformer_step"] = _time_runs(sessions["transformer"], feed, repeat, per_call=steps)
+        feed = _guard_memory(f"transformer{where}", synthetic_feed, comps["transformer"], dims)
+        result.components["transformer_step"] = measure("transformer", feed, where, per_call=steps)
         if ops:
-            result.op_groups = _op_groups(bundle_dir, manifest, dev, feed, repeat)
-        if "vae_decoder" in sessions:
-            vae_feed = synthetic_feed(manifest.components["vae_decoder"], {**dims, "batch": 1})
-            result.components["vae_decode"] = _time_runs(sessions["vae_decoder"], vae_feed, repeat)
+            result.op_stats = _guard_memory(f"transformer{where} (--ops)", _op_stats, bundle_dir, manifest, dev,
+                                            feed, repeat)
+            result.op_groups = {g: st["seconds"] for g, st in result.op_stats["groups"].items()}
+        del feed
+        if "vae_decoder" in comps:
+            vae_feed = synthetic_feed(comps["vae_decoder"], {**dims, "batch": 1})
+            result.components["vae_decode"] = measure("vae_decoder", vae_feed, where)
         if text_time is not None:
             result.components["text_encoder"] = text_time
         result.end_to_end = profile.steps * result.components["transformer_step"].median + sum(
