@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from litedge.cli import parse_args, run_command
+from litedge.cli import THIRD_PARTY, HelpFormatter, add_common_args, parse_args, run_command
 from litedge.errors import LitedgeError
 from litedge.export.targets import TARGETS
 from litedge.export.validate import output_path, require_export_extras
@@ -25,15 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
         "a .safetensors or an original PixArt/DiT/LiT .pth) to a NAME.litedge bundle that lit-generate "
         "runs offline. The bundle is written to a temporary folder and moved into place when complete.",
         epilog="example: lit-export ./lit-student --target cpu --weights int4 -o lit.litedge",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("source", nargs="?", type=Path, help="model to export (omit with --config/--random-weights)")
     parser.add_argument("--config", dest="config_name", help="a named config (e.g. LiT-T2I-XL, tiny-LiT-T2I-XL) ...")
     parser.add_argument("--random-weights", action="store_true", help="... exported with random weights, for latency profiling")
-    parser.add_argument("--target", default="cpu", help=f"device kind: {', '.join(TARGETS)} (default cpu)")
+    parser.add_argument("--target", default="cpu", help=f"device kind: {', '.join(TARGETS)}")
     parser.add_argument("--weights", choices=("fp", "int4", "int8"), help="weight format (default: the target's, int4 on cpu)")
     parser.add_argument("--keep-fp", action="append", default=[], metavar="LAYER",
                         help="keep a layer (name or glob, e.g. 'proj_out') in full precision; repeatable")
-    parser.add_argument("--sizes", type=_sizes, default=(), help="image sizes in px for static-shape targets, e.g. 512,1024")
+    parser.add_argument("--sizes", type=_sizes, default=(),
+                        help="image sizes in px for static-shape targets, e.g. 512,1024 (default: none; dynamic targets need none)")
     parser.add_argument("--soc", help="snapdragon: SoC to compile for, e.g. sm8650 or sm8750")
     parser.add_argument("--hub", dest="hub_device", metavar="DEVICE",
                         help="snapdragon: also compile and profile on this Qualcomm AI Hub device (needs a qai-hub token)")
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its attention runs in query chunks, so 2048 px fits in a few GB")
     parser.add_argument("-o", "--output", dest="out", type=output_path, required=True, help="bundle directory to write (NAME.litedge)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle at the output path")
-    return parser
+    return add_common_args(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report.path)
         return 0
 
-    return run_command("lit-export", body)
+    return run_command("lit-export", body, args, THIRD_PARTY)
 
 
 if __name__ == "__main__":

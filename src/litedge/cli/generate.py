@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from litedge.cli import run_command
+from litedge.cli import add_common_args, run_command
 from litedge.demo import DEMO_BUNDLE
 from litedge.errors import LitedgeError
 
@@ -57,11 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: the bundle's target if present)")
     p.add_argument("--low-memory", action="store_true", help="load one model component at a time")
     p.add_argument("--class", dest="class_id", type=int, help="class id for class-conditional (DiT-like) bundles")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     out = p.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", type=Path, help="PNG to write (with --batch N: NAME-0.png ... NAME-{N-1}.png)")
     out.add_argument("--output-dir", type=Path, help="folder to write PROMPT-SEED-I.png into")
-    return p
+    return add_common_args(p)  # -q/--quiet (no progress bar, warnings only), -v/--verbose, --version
 
 
 def _slug(text: str) -> str:

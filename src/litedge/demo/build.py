@@ -250,7 +250,7 @@ def write_pipeline(out: Path, transformer, text_encoder, tokenizer, vae_dir: Pat
     from diffusers import DPMSolverMultistepScheduler
 
     from litedge.demo.training import PIXART_SIGMA_SCHEDULER
-    from litedge.models.student import save_transformer
+    from litedge.models.student import save_transformer, student_model_index
 
     index = {"_class_name": "PixArtSigmaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "T5EncoderModel"],
@@ -263,7 +263,7 @@ def write_pipeline(out: Path, transformer, text_encoder, tokenizer, vae_dir: Pat
         text_encoder.float().cpu().save_pretrained(tmp / "text_encoder")
         tokenizer.save_pretrained(tmp / "tokenizer")
         DPMSolverMultistepScheduler(**PIXART_SIGMA_SCHEDULER).save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(student_model_index(index, transformer), indent=2))
 
     return _atomic_dir(out, fill)
 

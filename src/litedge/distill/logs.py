@@ -1,11 +1,20 @@
-"""Loss curves of a run: RUN_DIR/losses.csv, losses.json and losses.png (matplotlib, Agg)."""
+"""What a run reports: the ``litedge.distill`` logger, and its loss curves
+(RUN_DIR/losses.csv, losses.json and losses.png via matplotlib, Agg).
+
+Messages go through :data:`log` (a child of the ``litedge`` logger tree); lit-distill shows
+INFO and above on stderr as ``lit-distill: ...`` lines, ``-q`` / ``-v`` change that. A library
+caller configures ``logging`` as it likes.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("litedge.distill")
 
 
 class LossLog:

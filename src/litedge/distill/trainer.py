@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +40,11 @@ from torch import nn
 from litedge.distill import losses as L
 from litedge.distill.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from litedge.distill.data import FeatureCache, cache_features, discover, is_cache, read_cache_info, step_indices
-from litedge.distill.logs import LossLog
+from litedge.distill.logs import LossLog, log
 from litedge.atomic import atomic_directory
 from litedge.errors import LitedgeError
 from litedge.models.linearize import LinearizeConfig, LinearizeReport, linearize, linearize_, teacher_kind
-from litedge.models.student import save_transformer
+from litedge.models.student import save_transformer, student_model_index
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -228,8 +227,7 @@ def prepare_cache(cfg: DistillConfig, pipeline_dir: Path | None, d: _Dist) -> Fe
                               text_max_length=cfg.text_max_length, progress=cfg.progress, source=source,
                               encoders=encoders)
         if info.skipped:
-            print(f"lit-distill: skipped {len(info.skipped)} image(s) that failed to decode, e.g. {info.skipped[0]}",
-                  file=sys.stderr)
+            log.warning(f"skipped {len(info.skipped)} image(s) that failed to decode, e.g. {info.skipped[0]}")
     d.barrier()
     return FeatureCache(target)
 
@@ -415,8 +413,9 @@ class _Trainer:
                 for item in sorted(self.pipeline_dir.iterdir()):
                     if item.is_dir() and item.name != "transformer":
                         shutil.copytree(item, tmp / item.name)
-                    elif item.is_file() and item.name == "model_index.json":
-                        shutil.copy2(item, tmp / item.name)
+                    elif item.is_file() and item.name == "model_index.json":  # names the student's class
+                        index = student_model_index(json.loads(item.read_text()), self.student)
+                        (tmp / item.name).write_text(json.dumps(index, indent=2))
             use_ema = self.cfg.student_weights == "ema" and self.ema is not None
             save_transformer(self.ema if use_ema else self.student, tmp / "transformer")
         return out

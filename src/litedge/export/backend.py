@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +22,16 @@ from litedge.errors import LitedgeError
 from litedge.export.targets import TargetProfile
 
 
+log = logging.getLogger("litedge.export")
+
+
 def stage(message: str) -> None:
-    """Progress on long exports: which component, which stage (stderr, one line each)."""
-    print(f"lit-export: {message}", file=sys.stderr, flush=True)
+    """Progress on long exports: which component, which stage (one INFO record on ``litedge.export``).
+
+    lit-export shows it on stderr as ``lit-export: MESSAGE`` (hidden by ``-q``); a library
+    caller sees it once it configures ``logging`` (e.g. ``logging.basicConfig(level="INFO")``).
+    """
+    log.info(message)
 
 
 @dataclass

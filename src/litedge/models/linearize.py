@@ -4,7 +4,9 @@ Weight inheritance (LiT guidelines 3 and 4): the student is a copy of the teache
 every softmax self-attention is replaced by a linear one; every other weight is kept
 bit-identical, the new attention projections start from a fresh random initialization.
 The student stays an instance of the teacher's diffusers class, so its forward signature,
-its pipelines and its export wrappers are the teacher's.
+its pipelines and its export wrappers are the teacher's. On disk it is saved under a litedge
+class name (:data:`STUDENT_CLASS_NAMES`, see ``litedge.models.student_classes``) so that
+diffusers' own ``from_pretrained`` builds the linear attention instead of softmax.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ TEACHER_KINDS = {
     "PixArtTransformer2DModel": "pixart",
     "DiTTransformer2DModel": "dit",
     "SD3Transformer2DModel": "sd3",
+}
+# The diffusers-loadable subclass a saved student names (litedge.models.student_classes).
+STUDENT_CLASS_NAMES = {
+    "PixArtTransformer2DModel": "LitedgePixArtTransformer2DModel",
+    "DiTTransformer2DModel": "LitedgeDiTTransformer2DModel",
+    "SD3Transformer2DModel": "LitedgeSD3Transformer2DModel",
 }
 # LiT's head counts by DiT width (S, B, L, XL); text-to-image LiT uses 2.
 LIT_DIT_HEADS = {384: 2, 768: 3, 1024: 4, 1152: 4}
@@ -66,12 +74,20 @@ class LinearizeReport:
         return f"{len(self.inherited)} inherited, {len(self.new)} new, {len(self.dropped)} dropped parameter tensors"
 
 
+def diffusers_class_name(model: nn.Module) -> str | None:
+    """The diffusers transformer class ``model`` is (or subclasses, e.g. a litedge student class); None if none."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in TEACHER_KINDS and cls.__module__.startswith("diffusers."):
+            return cls.__name__
+    return None
+
+
 def teacher_kind(model: nn.Module) -> str:
     """'pixart', 'dit' or 'sd3' from the diffusers class; LitedgeError for anything else."""
-    name = type(model).__name__
-    if name not in TEACHER_KINDS:
+    name = diffusers_class_name(model)
+    if name is None:
         raise LitedgeError(
-            f"cannot linearize a {name}: expected one of {sorted(TEACHER_KINDS)} (a diffusers transformer)"
+            f"cannot linearize a {type(model).__name__}: expected one of {sorted(TEACHER_KINDS)} (a diffusers transformer)"
         )
     return TEACHER_KINDS[name]
 

@@ -1,9 +1,15 @@
 """Saving and loading transformers (teachers and students) in diffusers' directory layout.
 
 A student is saved the way its teacher came: ``config.json`` (the teacher's diffusers
-config plus a ``_litedge`` section describing the linear attention) next to
-``diffusion_pytorch_model.safetensors``. Directories are written to a temporary sibling
-and renamed into place, so an interrupted save never leaves a half-written model.
+config plus a ``litedge`` section describing the linear attention) next to
+``diffusion_pytorch_model.safetensors``. Its ``_class_name`` is the litedge subclass of the
+teacher's class (``LitedgePixArtTransformer2DModel``, see ``litedge.models.student_classes``),
+so diffusers' ``from_pretrained`` builds the linear attention too; a pipeline's
+``model_index.json`` names it as ``["litedge", CLASS]`` (:func:`student_model_index`).
+
+Folders written before that (the teacher's class name and a ``_litedge`` section) still load
+here. Directories are written to a temporary sibling and renamed into place, so an
+interrupted save never leaves a half-written model.
 """
 
 from __future__ import annotations
@@ -17,22 +23,43 @@ from torch import nn
 
 from litedge.atomic import atomic_directory
 from litedge.errors import LitedgeError
-from litedge.models.linearize import TEACHER_KINDS, LinearizeConfig, linearize_, linearize_config_of
+from litedge.models.linearize import (
+    STUDENT_CLASS_NAMES, TEACHER_KINDS, LinearizeConfig, diffusers_class_name, linearize_, linearize_config_of,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-LITEDGE_KEY = "_litedge"
+LITEDGE_KEY = "_litedge"  # a student's linear attention in older folders and in inferred configs
+STUDENT_CONFIG_KEY = "litedge"  # the same, as the litedge student classes' config field
+_STUDENT_TO_TEACHER = {student: teacher for teacher, student in STUDENT_CLASS_NAMES.items()}
 
 
 def model_config(model: nn.Module) -> dict:
-    """The diffusers config of a transformer, with ``_litedge`` added for a student."""
-    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    config["_class_name"] = type(model).__name__
+    """The diffusers config of a transformer; a student's names its litedge class and adds ``litedge``."""
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_") and k != STUDENT_CONFIG_KEY}
+    base = diffusers_class_name(model) or type(model).__name__
     lin = linearize_config_of(model)
+    config["_class_name"] = STUDENT_CLASS_NAMES.get(base, base) if lin is not None else base
     if lin is not None:
-        config[LITEDGE_KEY] = lin.to_json()
+        config[STUDENT_CONFIG_KEY] = lin.to_json()
     return config
+
+
+def model_index_entry(model: nn.Module) -> list[str]:
+    """``[library, class]`` of ``model`` for a pipeline's model_index.json: ``["litedge", ...]`` for a student."""
+    class_name = model_config(model)["_class_name"]
+    return ["litedge" if class_name in _STUDENT_TO_TEACHER else "diffusers", class_name]
+
+
+def student_model_index(index: dict, model: nn.Module) -> dict:
+    """A copy of a pipeline's model_index.json whose ``transformer`` entry names ``model``'s class.
+
+    Write it next to ``transformer/`` saved by :func:`save_transformer`: with a student's
+    ``["litedge", "Litedge...Transformer2DModel"]`` entry, ``DiffusionPipeline.from_pretrained``
+    builds the student (after ``import litedge``) and never softmax attention with random weights.
+    """
+    return {**index, "transformer": model_index_entry(model)}
 
 
 def save_transformer(model: nn.Module, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
@@ -77,16 +104,30 @@ def _inside(directory: Path, relative: str) -> Path:
 
 
 def build_from_config(config: dict) -> nn.Module:
-    """An untrained transformer from a saved config (a student is linearized the same way)."""
+    """An untrained transformer from a saved config (a student is linearized the same way).
+
+    Accepts a teacher's diffusers config, a student's (litedge class name + ``litedge``) and
+    the older student form (diffusers class name + ``_litedge``). The model is an instance
+    of the diffusers class either way, as :func:`litedge.models.linearize.linearize` makes it.
+    """
     import diffusers
 
     config = dict(config)
     class_name = config.pop("_class_name", None)
+    new_lin = config.pop(STUDENT_CONFIG_KEY, None)
+    old_lin = config.pop(LITEDGE_KEY, None)
+    lin = new_lin if new_lin is not None else old_lin
+    if class_name in _STUDENT_TO_TEACHER:
+        if lin is None:
+            raise LitedgeError(
+                f"config names the student class {class_name} but has no {STUDENT_CONFIG_KEY!r} section: "
+                "re-save the student with litedge"
+            )
+        class_name = _STUDENT_TO_TEACHER[class_name]
     if class_name not in TEACHER_KINDS:
         raise LitedgeError(
-            f"config names model class {class_name!r}: expected one of {sorted(TEACHER_KINDS)}"
+            f"config names model class {class_name!r}: expected one of {sorted([*TEACHER_KINDS, *_STUDENT_TO_TEACHER])}"
         )
-    lin = config.pop(LITEDGE_KEY, None)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     model = getattr(diffusers, class_name).from_config(config)
     if lin is not None:
