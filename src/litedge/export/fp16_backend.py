@@ -1,7 +1,9 @@
 """The cuda and directml targets: fp16 ONNX graphs with fp32 islands, int4 or fp16 weights.
 
-Each component is exported fp32 first (:mod:`litedge.export.onnx_export`), then converted
-with onnxruntime's ``float16`` converter. Graph inputs and outputs stay float32 (the runtime
+Each component is exported fp32 first (:mod:`litedge.export.onnx_export`), fused in fp32
+with onnxruntime's transformer optimizer (:func:`fuse_fp32`, the order of onnxruntime's own
+Stable Diffusion demo: fusing after the fp16 conversion finds nothing, the casts break the
+patterns), then converted with onnxruntime's ``float16`` converter. Graph inputs and outputs stay float32 (the runtime
 feeds what it feeds the cpu target; the graph casts at its edges), and three kinds of nodes
 stay fp32 (:func:`fp32_islands`):
 
@@ -208,6 +210,80 @@ def fp32_islands(model: onnx.ModelProto) -> dict[str, set[str]]:
             "shape_derived": _shape_derived(model)}
 
 
+# ----------------------------------------------------------------------------- fp32 fusions
+
+# onnxruntime.transformers model type whose fusions fit each component (as in its SD demo).
+FUSION_MODEL_TYPE = {"transformer": "unet", "vae_decoder": "vae"}
+# Fusions into contrib ops only the CUDA EP implements (NHWC convolutions, GroupNorm and its
+# Skip/Bias variants): off for graphs the CPU EP must run (the cpu target, parity checks).
+CUDA_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
+                     "enable_bias_add")
+FUSED_OPS = frozenset({"FastGelu", "BiasGelu", "Gelu", "SkipLayerNormalization", "LayerNormalization",
+                       "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "GroupNorm",
+                       "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd", "MultiHeadAttention", "Attention"})
+
+
+def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each fused op type (:data:`FUSED_OPS`) a graph holds."""
+    counts: dict[str, int] = defaultdict(int)
+    for n in model.graph.node:
+        if n.op_type in FUSED_OPS and (n.domain == "com.microsoft" or n.op_type == "LayerNormalization"):
+            counts[n.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+def fuse_fp32(model: onnx.ModelProto, component: str, *, cuda_only: bool = False) -> onnx.ModelProto:
+    """An fp32 graph with onnxruntime's transformer fusions (FastGelu, SkipLayerNorm, ...).
+
+    Python fusions only (``opt_level=0``): no onnxruntime session optimizations are baked
+    in, so the graph stays portable across machines. Nodes the fusions leave alone keep
+    their names (the fp32 islands are found on the unfused graph and matched by name).
+
+    Args:
+        model: fp32 graph (weights loaded); not modified.
+        component: "transformer" or "vae_decoder" (:data:`FUSION_MODEL_TYPE`); others are
+            returned unchanged.
+        cuda_only: also the fusions only the CUDA EP runs (:data:`CUDA_ONLY_FUSIONS`: the
+            VAE's GroupNorm, NHWC convolutions); the result then fails to load on the CPU EP.
+    """
+    if component not in FUSION_MODEL_TYPE:
+        return model
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = FUSION_MODEL_TYPE[component]
+    options = FusionOptions(model_type)
+    # SkipLayerNorm's fusion needs symbolic shapes; past 2 GB the inference fails and that fusion is skipped
+    options.enable_shape_inference = True
+    if not cuda_only:
+        for flag in CUDA_ONLY_FUSIONS:
+            setattr(options, flag, False)
+    for name in ("onnxruntime.transformers", "onnx_model", "fusion_base"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    optimizer = optimize_model(copy.deepcopy(model), model_type=model_type, opt_level=0, use_gpu=cuda_only,
+                               optimization_options=options)
+    fused = optimizer.model
+    if any(n.domain == "com.microsoft" for n in fused.graph.node) and not any(
+            o.domain == "com.microsoft" for o in fused.opset_import):
+        fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _type_fused_outputs(fused, _elem_types(model))
+    return fused
+
+
+def _type_fused_outputs(model: onnx.ModelProto, before: dict[str, int]) -> None:
+    """Give every untyped node output the element type of its first input (fused ops keep the
+    dtype), in graph order, so the island and cast analysis below sees every tensor's type."""
+    types = {**before, **_elem_types(model)}
+    known = {v.name for v in model.graph.value_info} | {o.name for o in model.graph.output}
+    for n in model.graph.node:
+        for out in n.output:
+            if out and out not in types and n.input and n.input[0] in types and n.op_type not in ("Shape", "Cast"):
+                types[out] = types[n.input[0]]
+            if out and out in types and out not in known:
+                model.graph.value_info.append(onnx.helper.make_tensor_value_info(out, types[out], None))
+                known.add(out)
+
+
 # ----------------------------------------------------------------------------- conversion
 
 
@@ -219,9 +295,13 @@ class Fp16Report:
     files: list[Path]
     fp32_nodes: dict[str, int] = field(default_factory=dict)  # reason -> count (op types in FP32_OPS: "ops")
     casts_removed: int = 0  # fp32 -> fp16 -> fp32 round trips bypassed
+    fusions: dict[str, int] = field(default_factory=dict)  # fused op type -> nodes (fuse_fp32), in the fp16 graph
 
     def meta(self) -> dict:
-        return {"fp32_islands": dict(self.fp32_nodes), "io_dtype": "float32"}
+        meta = {"fp32_islands": dict(self.fp32_nodes), "io_dtype": "float32"}
+        if self.fusions:
+            meta["fusions"] = dict(self.fusions)
+        return meta
 
 
 def _bypass_round_trips(model: onnx.ModelProto) -> int:
@@ -254,7 +334,8 @@ def _bypass_round_trips(model: onnx.ModelProto) -> int:
     return bypassed
 
 
-def convert_to_fp16(src: str | Path, dst: str | Path, *, keep_ops: Iterable[str] = FP32_OPS) -> Fp16Report:
+def convert_to_fp16(src: str | Path, dst: str | Path, *, keep_ops: Iterable[str] = FP32_OPS,
+                    fuse: str | None = None, cuda_only: bool = False) -> Fp16Report:
     """Convert an fp32 ONNX file to fp16 activations and weights, keeping the fp32 islands.
 
     Graph inputs and outputs stay float32 (cast at the graph's edges). ``dst`` gets a
@@ -264,6 +345,9 @@ def convert_to_fp16(src: str | Path, dst: str | Path, *, keep_ops: Iterable[str]
         src: fp32 graph written by :mod:`litedge.export.onnx_export` (external data beside it).
         dst: the fp16 graph to write; must differ from ``src``.
         keep_ops: op types kept fp32 besides :func:`fp32_islands` and the converter's list.
+        fuse: a component name: fuse in fp32 first (:func:`fuse_fp32`); the islands are
+            found on the unfused graph, where ``.float()`` still shows as a Cast.
+        cuda_only: with ``fuse``, also the fusions only the CUDA EP runs.
     """
     from onnxruntime.quantization.onnx_model import ONNXModel
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -277,6 +361,10 @@ def convert_to_fp16(src: str | Path, dst: str | Path, *, keep_ops: Iterable[str]
         inferred.unlink(missing_ok=True)
     onnx.load_external_data_for_model(model, str(src.parent))
     islands = fp32_islands(model)
+    if fuse is not None:
+        model = fuse_fp32(model, fuse, cuda_only=cuda_only)
+        present = {n.name for n in model.graph.node}
+        islands = {reason: names & present for reason, names in islands.items()}
     ops = set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops)
     logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.WARNING)  # one line per shared weight
     model = convert_float_to_float16(
@@ -288,9 +376,10 @@ def convert_to_fp16(src: str | Path, dst: str | Path, *, keep_ops: Iterable[str]
     files = save_onnx(model, dst)
     counts = {reason: len(names) for reason, names in islands.items()}
     counts["ops"] = sum(1 for n in model.graph.node if n.op_type in keep_ops)
+    fusions = fused_op_counts(model)
     del model
     gc.collect()
-    return Fp16Report(dst, files, counts, removed)
+    return Fp16Report(dst, files, counts, removed, fusions)
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -392,9 +481,15 @@ class CudaBackend(Backend):
 
     Each component: export fp32 -> convert to fp16 -> (transformer, int4: quantize) -> check
     against PyTorch on the CPU EP -> register. Intermediate graphs are deleted.
+
+    Fused in fp32 before the conversion (:func:`fuse_fp32`): the transformer with the fusions
+    every EP runs (FastGelu, SkipLayerNormalization), the VAE decoder also with the
+    CUDA-only ones (GroupNorm, NhwcConv), checked through its portable twin.
     """
 
     static = False
+    fusions = True  # fuse in fp32 before converting
+    cuda_fusions = True  # include fusions only the CUDA EP implements (the VAE's GroupNorm)
 
     def transformer(self, model: nn.Module, writer: BundleWriter) -> None:
         stage(f"transformer ({type(model).__name__}): export to ONNX, fp16 with fp32 islands, parity check")
@@ -425,12 +520,28 @@ class CudaBackend(Backend):
         quantize = name == "transformer" and self.options.weights == "int4"
         fp32 = export(out.with_name(out.stem + ".fp32.onnx"), **kwargs)
         fp16_path = out.with_name(out.stem + ".fp16.onnx") if quantize else out
-        conv = convert_to_fp16(fp32.path, fp16_path)
+        fuse = name if self.fusions else None
+        cuda_only = fuse == "vae_decoder" and self.cuda_fusions  # the transformer's fusions all run on CPU too
+        conv = convert_to_fp16(fp32.path, fp16_path, fuse=fuse, cuda_only=cuda_only)
+        # A graph with CUDA-only ops cannot run on the CPU EP: its twin with the portable
+        # fusions (same islands, same conversion) is what the parity check runs.
+        twin = convert_to_fp16(fp32.path, out.with_name(f".{out.stem}.check.onnx"), fuse=fuse) if cuda_only else None
         for path in fp32.files:
             path.unlink()
         meta = {"weights": self.options.weights if name == "transformer" else "fp", **fp32.metadata, **conv.meta()}
         meta["precision"] = "fp16"
-        fid = self._fp16_fidelity(name, label, fp32, wrapper, conv)
+        if twin is not None:
+            meta["fidelity_graph"] = ("the graph with the fusions the CPU EP runs; the CUDA-only ones "
+                                      f"({', '.join(sorted(set(conv.fusions) - set(twin.fusions)))}) are checked on "
+                                      "a GPU by bench/gpu_check.sh")
+        try:
+            fid = self._fp16_fidelity(name, label, fp32, wrapper, twin or conv)
+        finally:
+            for path in twin.files if twin is not None else ():
+                path.unlink(missing_ok=True)
+        if fid is None and twin is not None:
+            for path in conv.files:
+                path.unlink(missing_ok=True)
         files = conv.files
         if fid is None:  # fp16 overflowed: keep this component fp32
             fp32 = export(out, **kwargs)
@@ -485,6 +596,8 @@ class DirectMLBackend(CudaBackend):
     """
 
     static = True
+    fusions = False  # the DirectML EP lacks most com.microsoft fused kernels: plain ONNX ops only
+    cuda_fusions = False
 
     def __init__(self, target: TargetProfile, options: BackendOptions, report: ExportReport) -> None:
         super().__init__(target, options, report)
