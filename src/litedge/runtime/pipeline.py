@@ -4,8 +4,21 @@
 
     from litedge.runtime import Pipeline
     pipe = Pipeline.from_bundle("lit-t2i.litedge")                  # device="auto"
-    image = pipe("a red fox in the snow", steps=20, seed=0)[0]      # PIL.Image
-    save_png(image, "fox.png")                                      # litedge.runtime.image
+    out = pipe(prompt=["a red fox in the snow", "a cabin"], num_inference_steps=20,
+               generator=[0, 1])                                    # diffusers' names; a seed per image
+    save_png(out.images[0], "fox.png")                              # litedge.runtime.image
+    pipe("a red fox", steps=20, seed=0)[0]                          # litedge's older names: the same call
+
+The call takes diffusers' argument names and types (``prompt`` str or list, ``negative_prompt``,
+``num_inference_steps``, ``guidance_scale``, ``height``, ``width``, ``num_images_per_prompt``,
+``generator``, ``latents``, ``callback_on_step_end``, ``output_type``, ``return_dict``) and returns
+a :class:`PipelineOutput` (``.images``, ``.latents``) that also indexes and iterates like the list of
+its images, as litedge's results did. ``steps``, ``seed`` and ``batch`` stay as aliases.
+
+Seeds: one int seed or numpy Generator draws the whole batch's noise (B, C, h, w) at once; a list
+(one seed or Generator per image) draws image i's noise from its own generator, so image i
+equals a batch-1 run with generator i. A stochastic scheduler (``euler-ancestral``) takes its
+step noise from the same generators.
 
 Steps: validate the request against the manifest -> the transformer's conditioning, by
 model kind (:mod:`litedge.runtime.conditioning`: PixArt's T5, SD3's two CLIPs + T5, DiT's
@@ -44,17 +57,24 @@ from litedge.runtime.conditioning import CONDITIONERS, Conditioner, TextConditio
 from litedge.runtime.conditioning import is_int as _is_int
 from litedge.runtime.devices import Device, resolve_device
 from litedge.runtime.image import to_pil
-from litedge.runtime.schedulers import FlowMatchEuler, Scheduler, scheduler_from_config, split_learned_sigma
+from litedge.runtime.schedulers import Scheduler, scheduler_from_config, split_learned_sigma
 from litedge.runtime.session import ComponentSession
 from litedge.runtime.vae import OVERLAP, TILE, decode_latents
 
 log = logging.getLogger("litedge.runtime")
 TEXT_CACHE_SIZE = 8  # prompt encodings kept between calls (the negative prompt "" above all)
+OUTPUT_TYPES = ("pil", "np", "latent")
+Generators = np.random.Generator | list[np.random.Generator]
 
 
 @dataclass(frozen=True)
 class Request:
-    """One validated generation request (what ends up in the PNG metadata)."""
+    """One validated generation request (what ends up in the PNG metadata).
+
+    ``prompt``, ``negative_prompt`` and ``seed`` are image 0's; ``prompts``, ``negative_prompts``
+    and ``seeds`` hold one entry per image (``batch`` in all). A seed is None where a numpy
+    Generator was given instead.
+    """
 
     prompt: str
     negative_prompt: str
@@ -62,11 +82,52 @@ class Request:
     width: int
     steps: int
     guidance_scale: float
-    seed: int
+    seed: int | None
     batch: int
     scheduler: str
     class_id: int | None
     null_caption: bool
+    prompts: tuple[str, ...] = ()
+    negative_prompts: tuple[str, ...] = ()
+    seeds: tuple[int | None, ...] = ()
+
+    def groups(self) -> list[Request]:
+        """Runs of consecutive images with the same (prompt, negative prompt), each as a request of its own."""
+        pairs = list(zip(self.prompts, self.negative_prompts)) or [(self.prompt, self.negative_prompt)] * self.batch
+        out, start = [], 0
+        for end in range(1, len(pairs) + 1):
+            if end == len(pairs) or pairs[end] != pairs[start]:
+                (p, n), k = pairs[start], end - start
+                out.append(dataclasses.replace(self, prompt=p, negative_prompt=n, batch=k, prompts=(p,) * k,
+                                               negative_prompts=(n,) * k, seeds=self.seeds[start:end]))
+                start = end
+        return out
+
+
+@dataclass
+class PipelineOutput:
+    """What a :class:`Pipeline` call returns (diffusers' ``ImagePipelineOutput`` with the final latents).
+
+    Attributes:
+        images: ``output_type="pil"``: B RGB PIL images, settings in ``info["litedge"]``;
+            ``"np"``: (B, H, W, 3) float32 in [0, 1]; ``"latent"``: the latents (B, C, h, w).
+        latents: the final latents (B, C, h, w) float32, before the VAE decode.
+
+    Indexing, ``len`` and iteration go over ``images`` (``out[0]`` is the first image), as
+    litedge's list results did; diffusers' tuple form is ``return_dict=False``.
+    """
+
+    images: list[Image.Image] | np.ndarray
+    latents: np.ndarray
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.images)
 
 
 class Pipeline:
@@ -85,6 +146,7 @@ class Pipeline:
         self.vae_tile, self.vae_overlap = TILE, OVERLAP  # latent pixels; vae_tile = 0 never tiles
         self._sessions: dict[str, ComponentSession] = {}
         self._text_cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._interrupt = False
         needed = ["transformer", "vae_decoder", *self.conditioner.required]
         missing = [n for n in needed if n not in manifest.components]
         if missing:
@@ -155,8 +217,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the request
 
-    def _request(self, prompt, negative_prompt, height, width, steps, guidance_scale, seed, batch, scheduler,
+    def _request(self, prompt, negative_prompt, height, width, steps, guidance_scale, generator, batch, scheduler,
                  class_id, null_caption) -> Request:
+        """Every check of a call's arguments, before any work: the validated :class:`Request`.
+
+        ``batch`` is the images per prompt; ``generator`` an int seed, a numpy Generator or a
+        list of them (one per image)."""
         d, m = self.manifest.defaults, self.manifest.model
         fallback = int(m.get("sample_size", 128)) * self.vae_factor
         height = height if height is not None else d.get("height", fallback)
@@ -180,13 +246,15 @@ class Pipeline:
             raise LitedgeError(f"guidance scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}; "
                                f"try {d.get('guidance_scale', 4.5)}")
         if not _is_int(batch) or batch <= 0:
-            raise LitedgeError(f"batch must be a positive integer, got {batch!r}")
-        if not _is_int(seed) or seed < 0:
-            raise LitedgeError(f"seed must be an integer >= 0, got {seed!r}")
-        self.conditioner.check(prompt, class_id, null_caption)
-        return Request(prompt, negative_prompt, int(height), int(width), int(steps), float(guidance_scale),
-                       int(seed), int(batch), scheduler or self.manifest.scheduler.get("type", "dpmsolver++"),
-                       class_id, null_caption)
+            raise LitedgeError(f"batch must be a positive integer (num_images_per_prompt), got {batch!r}")
+        prompts, negatives = _prompt_lists(prompt, negative_prompt, int(batch))
+        seeds = _seed_list(generator, len(prompts))
+        for text in dict.fromkeys(prompts):
+            self.conditioner.check(text, class_id, null_caption)
+        req = Request(prompts[0], negatives[0], int(height), int(width), int(steps), float(guidance_scale),
+                      seeds[0], len(prompts), scheduler or self.manifest.scheduler.get("type", "dpmsolver++"),
+                      class_id, null_caption, tuple(prompts), tuple(negatives), seeds)
+        return req
 
     def _static_sizes(self) -> list[str] | None:
         """The "HxW" sizes every static component has a graph for (None: any size)."""
@@ -207,7 +275,7 @@ class Pipeline:
         config = self.manifest.scheduler.get("config", {})
         scheduler = scheduler_from_config(config, name=name)
         flow = self.manifest.model.get("prediction_type") == "flow"
-        if flow != isinstance(scheduler, FlowMatchEuler):
+        if flow != scheduler.flow:
             raise LitedgeError(f"scheduler {name!r} does not fit this bundle's {'flow-matching' if flow else 'noise'}"
                                f"-prediction model; use {self.manifest.scheduler.get('type', 'the default')!r} "
                                "or leave --scheduler out")
@@ -234,24 +302,49 @@ class Pipeline:
         return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
 
     def _conditioning(self, req: Request) -> dict[str, np.ndarray]:
-        """The transformer's conditioning inputs, batch (2B: uncond then cond) or (B) without guidance."""
-        return self.conditioner(req)
+        """The transformer's conditioning inputs, batch (2B: uncond then cond) or (B) without guidance.
+
+        Images with different prompts: each run of equal prompts is conditioned on its own (every
+        text encoded in one encoder run first), then the unconditional halves go first, in order."""
+        groups = req.groups()
+        if len(groups) == 1:
+            return self.conditioner(groups[0])
+        if isinstance(self.conditioner, TextConditioner):
+            self.encode_text(list(dict.fromkeys(t for g in groups for t in self.conditioner.texts(g))))
+        parts = [self.conditioner(g) for g in groups]  # name -> (2b | b, ...) each
+        halves = 2 if req.guidance_scale != 1.0 else 1
+        return {name: np.concatenate([np.split(part[name], halves)[h] for h in range(halves) for part in parts])
+                for name in parts[0]}
 
     # ------------------------------------------------------------------ the loop
 
+    @property
+    def interrupt(self) -> bool:
+        """Set to True (e.g. from ``callback_on_step_end``) to stop after the current step, as
+        diffusers' ``pipe._interrupt``; the images are decoded from the latents reached so far."""
+        return self._interrupt
+
+    @interrupt.setter
+    def interrupt(self, value: bool) -> None:
+        self._interrupt = bool(value)
+
     def denoise(self, latents: np.ndarray, cond: dict[str, np.ndarray], scheduler: Scheduler,
-                guidance_scale: float, progress: bool = True) -> np.ndarray:
+                guidance_scale: float, progress: bool = True, callback=None) -> np.ndarray:
         """Run the reverse diffusion from noise ``latents`` (B, C, h, w); returns the final latents.
 
         ``cond`` holds the transformer's conditioning inputs for 2B rows (unconditional
         first) when ``guidance_scale != 1``, else for B rows; ``scheduler`` has its timesteps set.
+        ``callback(pipe, i, t, {"latents": ...})`` runs after each step (see :meth:`__call__`).
         """
         transformer = self._image_session("transformer", latents)
         guided = guidance_scale != 1.0
         t_dtype = transformer.dtype("timestep")
         latents = (latents * scheduler.init_noise_sigma).astype(np.float32)
         for i, t in enumerate(_progress(scheduler.timesteps, progress)):
-            x = np.concatenate([latents, latents]) if guided else latents  # (2B | B, C, h, w)
+            if self.interrupt:
+                break
+            x = scheduler.scale_model_input(latents, i)
+            x = np.concatenate([x, x]) if guided else x  # (2B | B, C, h, w)
             out = transformer.run(sample=x, timestep=np.full(len(x), t, dtype=t_dtype), **cond)
             if self.learned_sigma:
                 out = split_learned_sigma(out, self.latent_channels)  # drop the predicted variance
@@ -259,7 +352,23 @@ class Pipeline:
                 uncond, text = np.split(out, 2)
                 out = uncond + guidance_scale * (text - uncond)
             latents = scheduler.step(out, i, latents)
+            if callback is not None:
+                latents = self._step_end(callback, i, t, latents)
         return latents
+
+    def _step_end(self, callback, i: int, t, latents: np.ndarray) -> np.ndarray:
+        """Run ``callback_on_step_end``; the latents it returns (same shape) replace the current ones."""
+        result = callback(self, i, t, {"latents": latents})
+        if result is None:
+            return latents
+        if not isinstance(result, dict):
+            raise LitedgeError(f"callback_on_step_end must return a dict such as its callback_kwargs, "
+                               f"got {type(result).__name__}")
+        new = np.asarray(result.get("latents", latents))
+        if new.shape != latents.shape or not np.issubdtype(new.dtype, np.floating):
+            raise LitedgeError(f"callback_on_step_end returned latents {new.dtype} {new.shape}; expected a float "
+                               f"array of shape {latents.shape}, as it was given")
+        return new.astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32 in [-1, 1] (tiled when large)."""
@@ -269,68 +378,182 @@ class Pipeline:
         return decode_latents(lambda z: vae.run(**{name: np.ascontiguousarray(z, dtype=np.float32)}),
                               latents, self.vae_factor, tile, self.vae_overlap)
 
-    def initial_latents(self, req: Request, latents: np.ndarray | None = None) -> np.ndarray:
-        """Standard normal (B, C, h, w) float32 from ``numpy.random.default_rng(seed)``, or ``latents`` checked."""
+    def initial_latents(self, req: Request, latents: np.ndarray | None = None,
+                        generator: Generators | None = None) -> np.ndarray:
+        """Standard normal (B, C, h, w) float32, or ``latents`` checked.
+
+        Drawn from ``generator``, default ``numpy.random.default_rng(req.seed)``: one Generator
+        draws the whole (B, C, h, w) block, a list of B draws image i's (C, h, w) from generator i.
+        """
         shape = (req.batch, self.latent_channels, req.height // self.vae_factor, req.width // self.vae_factor)
         if latents is None:
-            return np.random.default_rng(req.seed).standard_normal(shape, dtype=np.float32)
+            gen = generator if generator is not None else np.random.default_rng(req.seed)
+            if isinstance(gen, list):
+                return np.stack([g.standard_normal(shape[1:], dtype=np.float32) for g in gen])
+            return gen.standard_normal(shape, dtype=np.float32)
         latents = np.asarray(latents)
         if latents.shape != shape or not np.issubdtype(latents.dtype, np.floating):
             raise LitedgeError(f"latents: expected a float array of shape {shape} (batch, channels, height/"
                                f"{self.vae_factor}, width/{self.vae_factor}), got {latents.dtype} {latents.shape}")
         return latents.astype(np.float32)
 
-    def __call__(self, prompt: str = "", *, negative_prompt: str = "", height: int | None = None,
-                 width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
-                 seed: int = 0, batch: int = 1, scheduler: str | None = None, latents: np.ndarray | None = None,
-                 class_id: int | None = None, null_caption: bool = False, progress: bool = True) -> list[Image.Image]:
-        """Generate ``batch`` images; None takes the bundle's default (manifest ``defaults``).
+    def __call__(self, prompt: str | list[str] = "", negative_prompt: str | list[str] = "", *,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, num_images_per_prompt: int | None = None,
+                 generator=None, latents: np.ndarray | None = None, output_type: str = "pil",
+                 return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
+                 scheduler: str | None = None, class_id: int | None = None, null_caption: bool = False,
+                 progress: bool = True, steps: int | None = None, seed=None, batch: int | None = None):
+        """Generate images; None takes the bundle's default (manifest ``defaults``). diffusers' names.
 
         Args:
-            prompt / negative_prompt: text (text-to-image bundles); the negative prompt is the
-                unconditional branch of classifier-free guidance ("" as diffusers).
+            prompt: a text, or a list (text-to-image bundles); ``len(prompt) x num_images_per_prompt`` images.
+            negative_prompt: the unconditional branch of classifier-free guidance ("" as diffusers):
+                one text for every prompt, or a list as long as ``prompt``.
+            num_inference_steps (alias ``steps``): denoising steps (>= 1).
+            guidance_scale: CFG scale (>= 0; 1 skips the unconditional pass).
             height, width: pixels, multiples of VAE factor x patch size (16 for PixArt).
-            steps, guidance_scale: denoising steps (>= 1) and CFG scale (>= 0; 1 skips the
-                unconditional pass).
-            seed: initial noise ``default_rng(seed).standard_normal``; same seed + bundle +
-                device -> same pixels. ``latents`` (B, C, h, w) replaces that noise.
-            scheduler: ``dpmsolver++``, ``ddim`` (noise-prediction bundles), ``flow-euler`` (SD3 / MM-EDiT)
-                or a diffusers class name; default the bundle's.
+            num_images_per_prompt (alias ``batch``): images per prompt.
+            generator (alias ``seed``, default 0): an int seed or a ``numpy.random.Generator`` for the
+                whole batch, or a list of them, one per image (image i from generator i; the
+                same seed + bundle + device -> the same pixels). ``latents`` (B, C, h, w) replace the noise.
+            callback_on_step_end: ``f(pipe, step_index, timestep, callback_kwargs) -> dict`` after
+                each step; ``callback_kwargs`` is ``{"latents": (B, C, h, w)}`` and the returned
+                ``"latents"`` replace them. Setting ``pipe.interrupt = True`` stops the loop (the
+                images are decoded from the latents so far). An exception it raises propagates
+                (nothing is written: the pipeline writes no files).
+            callback_on_step_end_tensor_inputs: only ``["latents"]``.
+            output_type: ``"pil"``, ``"np"`` ((B, H, W, 3) float32 in [0, 1]) or ``"latent"`` (no decode).
+            return_dict: False returns the tuple ``(images,)``, as diffusers.
+            scheduler: a name of :data:`litedge.runtime.schedulers.SCHEDULERS` (``dpmsolver++``,
+                ``dpmsolver++-karras``, ``unipc``, ``euler``, ``euler-ancestral``, ``ddim`` for
+                noise-prediction bundles, ``flow-euler`` for SD3 / MM-EDiT) or a diffusers class
+                name; default the bundle's.
             class_id: the ImageNet class of a class-conditional bundle (the null class is num_classes).
             null_caption: use the bundle's stored null caption embedding for the unconditional branch.
             progress: a tqdm bar on stderr with the time per step.
 
         Returns:
-            ``batch`` RGB images; ``image.info["litedge"]`` holds the settings as JSON.
+            :class:`PipelineOutput` (``.images``, ``.latents``); PIL images carry their settings as
+            JSON in ``image.info["litedge"]``.
+
+        Raises:
+            LitedgeError: any bad argument (one line), before any model runs.
         """
-        req = self._request(prompt, negative_prompt, height, width, steps, guidance_scale, seed, batch,
+        steps = _alias("num_inference_steps", num_inference_steps, "steps", steps)
+        per_prompt = _alias("num_images_per_prompt", num_images_per_prompt, "batch", batch)
+        generator = _alias("generator", generator, "seed", seed)
+        if output_type not in OUTPUT_TYPES:
+            raise LitedgeError(f"output_type {output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise LitedgeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+        if [n for n in callback_on_step_end_tensor_inputs if n != "latents"]:
+            raise LitedgeError(f"callback_on_step_end_tensor_inputs {list(callback_on_step_end_tensor_inputs)}: "
+                               "this runtime passes only 'latents' to the callback")
+        req = self._request(prompt, negative_prompt, height, width, steps, guidance_scale,
+                            0 if generator is None else generator, 1 if per_prompt is None else per_prompt,
                             scheduler, class_id, null_caption)
         sched = self._scheduler(req.scheduler)
         sched.set_timesteps(req.steps)
-        noise = self.initial_latents(req, latents)
+        gens = _generators(0 if generator is None else generator)
+        noise = self.initial_latents(req, latents, gens)
+        sched.generator = gens  # a stochastic scheduler's step noise continues each image's generator
         cond = self._conditioning(req)
         self.release("text_encoder")
-        final = self.denoise(noise, cond, sched, req.guidance_scale, progress)
-        if self.low_memory:
-            self.release("transformer")
-        images = self.decode(final)
-        if self.low_memory:
-            self.release()
-        return to_pil(images, self._metadata(req, given_latents=latents is not None))
+        self.interrupt = False
+        try:
+            final = self.denoise(noise, cond, sched, req.guidance_scale, progress, callback_on_step_end)
+            if self.low_memory:
+                self.release("transformer")
+            decoded = None if output_type == "latent" else self.decode(final)
+        finally:
+            if self.low_memory:
+                self.release()
+        if output_type == "latent":
+            images = final
+        elif output_type == "np":
+            images = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)  # (B, H, W, 3)
+        else:
+            images = to_pil(decoded, self._metadata(req, sched, given_latents=latents is not None))
+        return PipelineOutput(images, final) if return_dict else (images,)
 
-    def _metadata(self, req: Request, given_latents: bool) -> list[dict]:
-        base = self.conditioner.metadata(
-            {k: v for k, v in asdict(req).items() if v is not None and k != "null_caption"})
-        base.update(bundle=self.bundle_dir.resolve().name, device=self.device.name, litedge=__version__)
+    def _metadata(self, req: Request, sched: Scheduler, given_latents: bool) -> list[dict]:
+        """One settings dict per image (its own prompt, negative prompt and seed; ``index`` in the batch)."""
+        skip = ("null_caption", "prompts", "negative_prompts", "seeds")
+        base = {k: v for k, v in asdict(req).items() if v is not None and k not in skip}
+        base.update(bundle=self.bundle_dir.resolve().name, device=self.device.name, litedge=__version__,
+                    sampler=sched.sampler_name)
         if given_latents:
             base["latents"] = "given"
-        return [{**base, "index": i} for i in range(req.batch)]
+        if self.interrupt:
+            base["interrupted"] = True
+        out = []
+        for i in range(req.batch):
+            meta = {**base, "prompt": req.prompts[i], "negative_prompt": req.negative_prompts[i], "index": i}
+            meta.pop("seed", None)
+            if req.seeds[i] is not None:
+                meta["seed"] = req.seeds[i]
+            out.append(self.conditioner.metadata(meta))
+        return out
 
     def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _alias(name: str, value, old: str, old_value):
+    """diffusers' argument ``name`` or litedge's older ``old``: whichever is given (not both)."""
+    if value is not None and old_value is not None:
+        raise LitedgeError(f"give either {name} or {old} (the same setting), not both")
+    return value if value is not None else old_value
+
+
+def _prompt_lists(prompt, negative_prompt, per_prompt: int) -> tuple[list[str], list[str]]:
+    """One prompt and one negative prompt per image: each prompt ``per_prompt`` times, in order."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise LitedgeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.60}")
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+    if not isinstance(negatives, (list, tuple)):
+        raise LitedgeError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt).__name__}")
+    if len(negatives) != len(prompts):
+        raise LitedgeError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}: give one "
+                           "negative prompt per prompt, or one string for all")
+    for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise LitedgeError(f"{name}[{bad}] must be a string, got {type(texts[bad]).__name__}")
+    return ([p for p in prompts for _ in range(per_prompt)], [n for n in negatives for _ in range(per_prompt)])
+
+
+def _seed_list(generator, batch: int) -> tuple[int | None, ...]:
+    """The seed of each of ``batch`` images (None for a Generator) from an int seed, a numpy
+    Generator or a list of them (one per image); LitedgeError for anything else."""
+    def one(g, where: str) -> int | None:
+        if isinstance(g, np.random.Generator):
+            return None
+        if not _is_int(g) or g < 0:
+            kind = "a torch.Generator: use numpy.random.default_rng(seed)" if "torch" in type(g).__module__ \
+                else repr(g) if _is_int(g) else type(g).__name__
+            raise LitedgeError(f"{where} must be an integer >= 0 or a numpy.random.Generator, got {kind}")
+        return int(g)
+
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise LitedgeError(f"generator has {len(generator)} entries for {batch} images: give one seed or numpy "
+                               "Generator per image (len(prompt) x num_images_per_prompt), or a single one")
+        return tuple(one(g, f"generator[{i}]") for i, g in enumerate(generator))
+    return (one(generator, "seed"),) * batch
+
+
+def _generators(generator) -> Generators:
+    """A validated seed / Generator / list of them as numpy Generators (ints seed ``default_rng``)."""
+    if isinstance(generator, (list, tuple)):
+        return [g if isinstance(g, np.random.Generator) else np.random.default_rng(int(g)) for g in generator]
+    return generator if isinstance(generator, np.random.Generator) else np.random.default_rng(int(generator))
 
 
 def _static_text_length(manifest: Manifest) -> Manifest:

@@ -186,6 +186,7 @@ class Scheduler(abc.ABC):
     _FIXED: ClassVar[dict[str, tuple]] = {}   # diffusers settings pinned to these values
     _OVERRIDES: ClassVar[dict] = {}           # settings a named variant forces over the config
     flow: ClassVar[bool] = False              # for flow-matching (velocity) models, not noise ones
+    _sampler: ClassVar[str]                   # the sampler's name in image UIs' "parameters" (A1111)
     init_noise_sigma: float = 1.0             # std of the initial noise: latents = noise * this
 
     def __init__(self, config) -> None:
@@ -203,6 +204,11 @@ class Scheduler(abc.ABC):
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         """What the model is fed at step i for ``sample`` (B, C, H, W): the sample itself here."""
         return sample
+
+    @property
+    def sampler_name(self) -> str:
+        """The name image UIs give this sampler ("DPM++ 2M Karras", "Euler a"), for PNG ``parameters``."""
+        return self._sampler + (" Karras" if getattr(self.config, "use_karras_sigmas", False) else "")
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Fill ``timesteps`` for ``num_inference_steps`` steps (an int >= 1) and reset state."""
@@ -272,6 +278,7 @@ class DPMSolverMultistep(Scheduler):
 
     class_name = "DPMSolverMultistepScheduler"
     short_name = "dpmsolver++"
+    _sampler = "DPM++ 2M"
     config_class = DPMSolverConfig
     _FIXED = {"algorithm_type": ("dpmsolver++", "deis"), "thresholding": (False,),
               "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
@@ -392,6 +399,7 @@ class DDIM(Scheduler):
 
     class_name = "DDIMScheduler"
     short_name = "ddim"
+    _sampler = "DDIM"
     config_class = DDIMConfig
     _FIXED = {"thresholding": (False,), "rescale_betas_zero_snr": (False,)}
 
@@ -456,6 +464,7 @@ class FlowMatchEuler(Scheduler):
 
     class_name = "FlowMatchEulerDiscreteScheduler"
     short_name = "flow-euler"
+    _sampler = "Euler (flow)"
     flow = True
     config_class = FlowMatchEulerConfig
     _FIXED = {"use_dynamic_shifting": (False,), "invert_sigmas": (False,), "shift_terminal": (None, 0, 0.0),
@@ -524,6 +533,7 @@ class UniPCMultistep(Scheduler):
 
     class_name = "UniPCMultistepScheduler"
     short_name = "unipc"
+    _sampler = "UniPC"
     config_class = UniPCConfig
     _FIXED = {"predict_x0": (True,), "thresholding": (False,), "disable_corrector": ([],), "solver_p": (None,),
               "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
@@ -678,6 +688,7 @@ class EulerDiscrete(Scheduler):
 
     class_name = "EulerDiscreteScheduler"
     short_name = "euler"
+    _sampler = "Euler"
     config_class = EulerConfig
     _FIXED = {"interpolation_type": ("linear",), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
               "sigma_min": (None,), "sigma_max": (None,), "timestep_type": ("discrete",),
@@ -747,6 +758,7 @@ class EulerAncestral(EulerDiscrete):
 
     class_name = "EulerAncestralDiscreteScheduler"
     short_name = "euler-ancestral"
+    _sampler = "Euler a"
     config_class = EulerAncestralConfig
     _FIXED = {"rescale_betas_zero_snr": (False,)}
 
@@ -787,6 +799,13 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     for name in (cls.class_name, cls.short_name)
 }
 SCHEDULERS[DPMSolverKarras.short_name] = DPMSolverKarras  # a named variant: no diffusers class of its own
+
+
+def scheduler_for_sampler(sampler: str) -> str | None:
+    """The litedge scheduler name of an image UI's sampler name ("DPM++ 2M Karras" -> "dpmsolver++-karras"), or None."""
+    names = {cls._sampler: cls.short_name for cls in set(SCHEDULERS.values()) if cls is not DPMSolverKarras}
+    names["DPM++ 2M Karras"] = DPMSolverKarras.short_name
+    return names.get(sampler)
 
 
 def scheduler_from_config(config: dict, name: str | None = None) -> Scheduler:
