@@ -56,9 +56,12 @@ def version_string() -> str:
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``-q/--quiet``, ``-v/--verbose`` and ``--version`` to ``parser``; returns it.
 
-    An option the command already defines (e.g. its own ``--quiet``) is left as it is.
+    An option the command already defines (e.g. its own ``--quiet``) is left as it is. A
+    parser with argparse's default formatter gets :class:`HelpFormatter` (defaults shown).
     """
     taken = set(parser._option_string_actions)  # argparse has no public lookup
+    if parser.formatter_class is argparse.HelpFormatter:  # argparse's default: show defaults too
+        parser.formatter_class = HelpFormatter
     group = parser.add_argument_group("output")
     if not taken & {"-q", "--quiet"}:
         group.add_argument("-q", "--quiet", action="store_true",
@@ -144,6 +147,7 @@ def command_logging(prog: str, args: argparse.Namespace, third_party: Sequence[s
     logger.setLevel(log_level(args))
     logger.propagate = False  # one line per message, even when the root logger has handlers
     verbose = getattr(args, "verbose", False)
+    logger.debug(f"{version_string()} (python {sys.version.split()[0]}); arguments: {vars(args)}")
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(warnings.catch_warnings())
