@@ -83,6 +83,28 @@ def recover_interrupted(dst: StrPath) -> tuple[Path | None, list[Path]]:
     return restored, removed
 
 
+def clean_dead_temps(folder: StrPath) -> list[Path]:
+    """Delete every ``.NAME.tmp-<pid>-<random>`` / ``.NAME.old-<pid>-<random>`` in ``folder`` whose pid
+    is dead and whose ``NAME`` exists (an old copy whose ``NAME`` is missing is left to
+    :func:`recover_interrupted`). Returns the removed paths."""
+    folder = Path(folder)
+    pattern = re.compile(r"\.(.+)\.(tmp|old)-(\d+)-[0-9a-f]{16}")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match or pid_alive(int(match.group(3))):
+            continue
+        if match.group(2) == "old" and not os.path.lexists(folder / match.group(1)):
+            continue
+        if _remove(folder / name):
+            removed.append(folder / name)
+    return removed
+
+
 def make_temp_dir(dst: StrPath) -> Path:
     """Create an empty ``.NAME.tmp-<pid>-<random>`` directory beside ``dst`` (exclusive, umask honoured)."""
     dst = Path(os.path.abspath(dst))

@@ -3,7 +3,7 @@
 A bundle is a directory ``NAME.litedge/`` holding ``manifest.json`` and the files it
 names. The manifest is written last, after every file it names is complete, and carries
 each file's sha256; a directory without a valid manifest is not a bundle. Paths in it are
-relative and never leave the directory (DESIGN.md, "The bundle").
+relative and never leave the directory (docs/design.md, "The bundle").
 
 Writing (export side)::
 
@@ -437,7 +437,7 @@ def tokenizer_entries(tokenizer: dict[str, Any] | None) -> dict[str, dict[str, A
 
 
 def _read_v1(data: dict[str, Any], source: str) -> Manifest:
-    """Format version 1: the layout in DESIGN.md."""
+    """Format version 1: the layout in docs/design.md."""
     _only_keys(data, _V1_KEYS, source, "the manifest")
     for key in ("model", "target", "components"):
         if key not in data:

@@ -30,10 +30,10 @@ def missing(modules: tuple[str, ...]) -> list[str]:
     return out
 
 
-def require(what: str, modules: tuple[str, ...], extra: str) -> None:
-    """Raise LitedgeError naming ``pip install 'litedge[extra]'`` when any of ``modules`` is missing."""
+def require(what: str, modules: tuple[str, ...], extra: str, install: str | None = None) -> None:
+    """Raise LitedgeError naming ``pip install 'litedge[extra]'`` (or ``install``) when any of ``modules`` is missing."""
     absent = missing(modules)
     if absent:
         verb = "is" if len(absent) == 1 else "are"
         raise LitedgeError(f"{what} needs {', '.join(absent)}, which {verb} not installed: "
-                           f"pip install 'litedge[{extra}]'")
+                           f"{install or f'pip install {chr(39)}litedge[{extra}]{chr(39)}'}")

@@ -20,15 +20,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from litedge.atomic import replace_dir
+from litedge.atomic import make_temp_dir, recover_interrupted, replace_dir
+from litedge.distill.guards import check_finite_weights
 from litedge.errors import LitedgeError
 from litedge.models.student import load_state_dict_checked, read_safetensors_weights, save_transformer
+from litedge.safe_write import write_text
 
 LATEST = "latest"
 STATE = "state.json"
@@ -79,10 +80,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer, state: dict,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically and point ``latest`` at it; returns its path."""
+    check_finite_weights(student, f"checkpoint step {step}")  # a diverged run publishes nothing
+    if ema is not None:
+        check_finite_weights(ema, f"checkpoint step {step} (EMA)")
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        recover_interrupted(final)
+        tmp = make_temp_dir(final)  # .step-NNNNNN.tmp-<pid>-<random>: the next run can tell it is stale
+    except OSError as e:
+        raise LitedgeError(f"cannot write checkpoints in {root} ({e.strerror}); free space or fix the folder") from None
     try:
         save_transformer(student, tmp / "transformer")
         if ema is not None:
@@ -91,15 +99,14 @@ def save_checkpoint(
         (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
         _fsync_tree(tmp)
         replace_dir(tmp, final)  # a re-save of the same step (a resumed run that went back) replaces it
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LitedgeError(f"cannot write checkpoint {final} ({e.strerror}); the previous checkpoints are "
+                           "unchanged; free space or fix the folder and rerun with --resume") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = root / f".{LATEST}.tmp-{os.getpid()}"
-    pointer.write_text(final.name)
-    with open(pointer) as f:
-        os.fsync(f.fileno())
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+    write_text(root / LATEST, final.name, what="checkpoint pointer")  # litedge.safe_write: temp, fsync, rename
     return final
 
 
@@ -127,14 +134,24 @@ def load_checkpoint(
     path = Path(path)
     try:
         state = json.loads((path / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise LitedgeError(f"{path / STATE}: unreadable checkpoint state ({exc}); delete {path.name} to resume from an older one") from None
-    load_state_dict_checked(student, read_safetensors_weights(path / "transformer"), str(path / "transformer"))
-    if ema is not None:
-        source = path / "ema" if (path / "ema").is_dir() else path / "transformer"
-        load_state_dict_checked(ema, read_safetensors_weights(source), str(source))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
-    if restore_rng:
-        set_rng_state(state["rng"])
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
+        raise LitedgeError(f"{path / STATE}: not a checkpoint state (no step or config); delete {path.name} "
+                           "to resume from an older one")
+    try:
+        load_state_dict_checked(student, read_safetensors_weights(path / "transformer"), str(path / "transformer"))
+        if ema is not None:
+            source = path / "ema" if (path / "ema").is_dir() else path / "transformer"
+            load_state_dict_checked(ema, read_safetensors_weights(source), str(source))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
+        if restore_rng:
+            set_rng_state(state["rng"])
+    except LitedgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001  safetensors, torch.load (weights_only) and RNG errors on damaged files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise LitedgeError(f"{path}: damaged checkpoint ({type(exc).__name__}: {first}); delete {path.name} to "
+                           "resume from an older one") from None
     return state

@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from litedge.atomic import replace_dir
+from litedge.atomic import make_temp_dir, recover_interrupted, replace_dir
+from litedge.distill.guards import check_image_file, open_shard, read_cache_index
 from litedge.errors import LitedgeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -50,19 +50,31 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _from_jsonl(path: Path, allow_missing_captions: bool) -> list[Sample]:
     samples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            if not isinstance(row["path"], str) or not isinstance(row.get("caption", ""), (str, type(None))):
+                raise TypeError
             image = path.parent / row["path"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise LitedgeError(f'{path}:{lineno}: expected a JSON object with "path" and "caption"') from None
         caption = row.get("caption")
         if caption is None and not allow_missing_captions:
             raise LitedgeError(f"{path}:{lineno}: no caption for {row['path']}: add one or pass --allow-missing-captions")
         samples.append(Sample(image, caption or ""))
     return samples
+
+
+def _read_text(path: Path) -> str:
+    """A data file's text (UTF-8); one line for a file that is not text or cannot be read."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LitedgeError(f"{path}: not UTF-8 text (byte {e.start}); expected one JSON object per line") from None
+    except OSError as e:
+        raise LitedgeError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def _from_caption_folder(folder: Path, images: list[Path], allow_missing_captions: bool) -> list[Sample]:
@@ -120,6 +132,7 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
+    check_image_file(path)  # litedge.distill.guards: decompression bombs and truncated files refused
     with Image.open(path) as im:
         im = im.convert("RGB")
         scale = resolution / min(im.size)
@@ -147,7 +160,7 @@ class CacheInfo:
 
 def read_cache_info(path: Path) -> CacheInfo:
     index = Path(path) / CACHE_INDEX
-    meta = json.loads(index.read_text())
+    meta = read_cache_index(index)  # litedge.distill.guards: one line for a damaged cache.json
     if meta.get("format") != CACHE_FORMAT:
         raise LitedgeError(f"{index}: not a litedge feature cache (format {meta.get('format')!r})")
     return CacheInfo(Path(path), meta["count"], meta["resolution"], meta["keys"], meta.get("skipped", []),
@@ -212,7 +225,8 @@ def cache_features(
         raise LitedgeError("captioned data needs the teacher's text_encoder/ and tokenizer/: pass a pipeline directory")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    recover_interrupted(out)
+    tmp = make_temp_dir(out)  # .NAME.tmp-<pid>-<random>: the next run can tell it is stale
     skipped: list[str] = []
     count, shard, pending = 0, 0, []
     keys: list[str] = []
@@ -234,7 +248,7 @@ def cache_features(
                 try:
                     pixels.append(load_image(s.path, resolution))
                     batch.append(s)
-                except (OSError, ValueError, SyntaxError):  # PIL raises these for broken files
+                except (OSError, ValueError, SyntaxError, LitedgeError):  # PIL raises these for broken files
                     skipped.append(str(s.path))
             if not batch:
                 continue
@@ -275,8 +289,7 @@ class FeatureCache(torch.utils.data.Dataset):
         self._shards = []  # (first index, handle, length)
         first = 0
         for shard in sorted(Path(path).glob("shard-*.safetensors")):
-            handle = safe_open(str(shard), framework="pt")
-            length = handle.get_slice("latents").get_shape()[0]
+            handle, length = open_shard(safe_open, shard, self.info.keys)  # litedge.distill.guards
             self._shards.append((first, handle, length))
             first += length
         if first != self.info.count:

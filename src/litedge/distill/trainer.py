@@ -39,6 +39,8 @@ from torch import nn
 
 from litedge.distill import losses as L
 from litedge.distill.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from litedge.distill.guards import (check_config, check_finite_losses, check_finite_weights, check_resolution,
+                                    cleanup_on_refusal)
 from litedge.distill.data import FeatureCache, cache_features, discover, is_cache, read_cache_info, step_indices
 from litedge.distill.logs import LossLog, log
 from litedge.atomic import atomic_directory
@@ -101,6 +103,7 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise LitedgeError(message)
+        check_config(self)  # litedge.distill.guards: finite lr / weights, text length, --out, --device
 
 
 @dataclass
@@ -281,6 +284,8 @@ class _Trainer:
         self.cfg, self.d = cfg, d
         self.run_dir = Path(cfg.out)
         self.teacher, self.pipeline_dir = load_teacher(cfg.teacher)
+        if not is_cache(cfg.data):
+            check_resolution(cfg.resolution, self.teacher, self.pipeline_dir)  # litedge.distill.guards
         self.kind = teacher_kind(self.teacher)
         self.student, self.report = make_student(self.teacher, cfg)  # refuses a wrong family early
         self.latest = self._check_resume()
@@ -392,6 +397,7 @@ class _Trainer:
         tick = time.perf_counter()
         for step in bar:
             last = self.train_step(step)
+            check_finite_losses(last, step + 1)  # litedge.distill.guards: a diverged run publishes nothing
             now = time.perf_counter()
             row = {"step": step + 1, **last, "lr": cfg.lr, "steps_per_s": 1.0 / max(now - tick, 1e-9)}
             tick = now
@@ -408,6 +414,8 @@ class _Trainer:
     def write_student(self) -> Path:
         """RUN_DIR/student/: the teacher's pipeline with the student's transformer/ (atomic)."""
         out = self.run_dir / "student"
+        check_finite_weights(self.ema if self.cfg.student_weights == "ema" and self.ema is not None else self.student,
+                             "the student")  # litedge.distill.guards: never a NaN student
         with atomic_directory(out) as tmp:
             if self.pipeline_dir is not None:
                 for item in sorted(self.pipeline_dir.iterdir()):
@@ -431,6 +439,7 @@ def distill(config: DistillConfig) -> RunResult:
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     d = _init_distributed(config.device)
-    if d.main:
-        Path(config.out).mkdir(parents=True, exist_ok=True)
-    return _Trainer(config, d).run()
+    with cleanup_on_refusal(config.out):  # litedge.distill.guards: a refused run leaves no empty run folder
+        if d.main:
+            Path(config.out).mkdir(parents=True, exist_ok=True)
+        return _Trainer(config, d).run()

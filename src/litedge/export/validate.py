@@ -46,7 +46,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_paths(out: Path, source: Path | None) -> None:
-    """Refuse an output that equals or contains the source, or that lies inside it."""
+    """Refuse an output that equals or contains the source (replacing it would delete the source)."""
     if source is None:
         return
     out_real = Path(os.path.realpath(out))
@@ -54,9 +54,6 @@ def check_paths(out: Path, source: Path | None) -> None:
     if _inside(src_real, out_real):
         raise LitedgeError(f"-o {out} contains the source {source}: writing the bundle would delete what it is "
                            "exported from; choose an output path outside the source")
-    if _inside(out_real, src_real) and src_real.is_dir():
-        raise LitedgeError(f"-o {out} is inside the source folder {source}; write the bundle elsewhere so the "
-                           "source stays as it was")
 
 
 def _int_in(name: str, value: Any, low: int, high: int, what: str) -> None:

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from litedge.errors import LitedgeError
 from litedge.profile.measure import BundleProfile
+from litedge.safe_write import check_target, write_file
 
 
 def plot_profiles(profiles: list[BundleProfile], out: str | Path) -> Path:
     """Write a PNG: left, transformer step time (ms) vs image pixels per bundle (log-log);
     right, each bundle's operator-group shares at its largest size (when profiled with --ops)."""
+    check_target(out, "--plot")
     try:
         import matplotlib
 
@@ -48,9 +50,8 @@ def plot_profiles(profiles: list[BundleProfile], out: str | Path) -> Path:
         ax.set_title("operator groups", fontsize=9)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    try:
+        write_file(out, lambda f: fig.savefig(f, format="png", dpi=120), what="--plot")
+    finally:
+        plt.close(fig)
+    return Path(out)

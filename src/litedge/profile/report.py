@@ -9,8 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+from pathlib import Path
 
+from litedge.errors import LitedgeError
+from litedge.extras import PLOT, require
 from litedge.profile.measure import BundleProfile
+from litedge.safe_write import check_target, write_text
 
 COMPONENTS = ("transformer_step", "vae_decode", "text_encoder")
 
@@ -97,3 +102,26 @@ def to_table(profiles: list[BundleProfile]) -> str:
             cells = " ".join(f"{100 * size.op_groups.get(g, 0) / total:>14.1f}%" for g in groups)
             lines.append(f"{name[:24]:<24} {size.height:>4}x{size.width:<4} {cells}")
     return "\n".join(lines)
+
+
+def check_outputs(json_out: str | os.PathLike | None, csv_out: str | os.PathLike | None,
+                  plot: str | os.PathLike | None) -> None:
+    """Refuse, before anything is measured, report paths that cannot be written (a device, a
+    folder, a symlink, a missing folder), two reports aimed at one file, and --plot without matplotlib."""
+    given = [(flag, p) for flag, p in (("--json", json_out), ("--csv", csv_out), ("--plot", plot)) if p is not None]
+    seen: dict[str, str] = {}
+    for flag, path in given:
+        if not os.fspath(path).strip():
+            raise LitedgeError(f"{flag} is empty; give a file path such as report.{flag[2:].replace('plot', 'png')}")
+        real = os.path.realpath(path)
+        if real in seen:
+            raise LitedgeError(f"{flag} and {seen[real]} both write {path}; give each report its own file")
+        seen[real] = flag
+        check_target(path, f"{flag} report")
+    if plot is not None:
+        require("--plot", PLOT, "distill", install="pip install matplotlib (or litedge[distill])")
+
+
+def write_report(path: str | os.PathLike, text: str) -> Path:
+    """Write a report file safely (:func:`litedge.safe_write.write_text`): all or nothing, never through a link."""
+    return write_text(path, text, what="report")

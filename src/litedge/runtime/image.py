@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 from litedge.errors import LitedgeError
+from litedge.safe_write import check_target, write_file
 
 METADATA_KEY = "litedge"
 PARAMETERS_KEY = "parameters"
@@ -65,6 +65,7 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise LitedgeError(f"{path} is a directory; give a file name such as {path / 'image.png'}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise LitedgeError(f"{path}: the folder {folder} is not writable; choose another output path")
+    check_target(path, "PNG")  # litedge.safe_write: an existing device, FIFO or symlink is never replaced
     return path
 
 
@@ -76,17 +77,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """
     path = check_writable(path)
     chunk = png_info(image)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG", pnginfo=chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LitedgeError(f"cannot write {path} ({e.strerror}); choose another output path") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, lambda f: image.save(f, format="PNG", pnginfo=chunk), what="PNG")  # litedge.safe_write
     with Image.open(path) as back:  # reload and check what was written (STYLE habit 11)
         if back.size != image.size or back.info.get(METADATA_KEY) != image.info.get(METADATA_KEY):
             raise LitedgeError(f"{path}: the written PNG does not read back as written; the disk may be full")

@@ -57,6 +57,7 @@ from litedge.runtime.conditioning import CONDITIONERS, Conditioner, TextConditio
 from litedge.runtime.conditioning import is_int as _is_int
 from litedge.runtime.devices import Device, resolve_device
 from litedge.runtime.image import to_pil
+from litedge.runtime.memory import check_request
 from litedge.runtime.schedulers import Scheduler, scheduler_from_config, split_learned_sigma
 from litedge.runtime.session import ComponentSession
 from litedge.runtime.vae import OVERLAP, TILE, decode_latents
@@ -254,6 +255,7 @@ class Pipeline:
         req = Request(prompts[0], negatives[0], int(height), int(width), int(steps), float(guidance_scale),
                       seeds[0], len(prompts), scheduler or self.manifest.scheduler.get("type", "dpmsolver++"),
                       class_id, null_caption, tuple(prompts), tuple(negatives), seeds)
+        check_request(self, req)  # litedge.runtime.memory: UTF-8 text, upper bounds, memory from the manifest
         return req
 
     def _static_sizes(self) -> list[str] | None:

@@ -29,6 +29,7 @@ import onnxruntime as ort
 from litedge.bundle import Component, resolve_path
 from litedge.errors import LitedgeError
 from litedge.runtime.devices import Device
+from litedge.runtime.interface import check_graph_inputs
 
 
 def _on_plugin(device: Device, component: Component) -> bool:
@@ -207,6 +208,8 @@ class ComponentSession:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LitedgeError(f"{name}: onnxruntime cannot load {path.name} on {device.name} ({first}); "
                                "re-export the bundle, or try --device cpu") from None
+        check_graph_inputs(name, path.name, (((component.meta.get("bucket_meta") or {}).get(bucket) or {}).get("inputs")
+                                             if bucket else None) or component.inputs, session)  # issue 17
         bind = device.provider in IO_BINDING_PROVIDERS if io_binding is None else io_binding
         return cls(name, component, session, bucket, io_binding=bind, device=device)
 

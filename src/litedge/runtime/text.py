@@ -50,12 +50,18 @@ class PromptTokenizer:
             raise LitedgeError("this text-to-image bundle has no tokenizer; re-export it from a pipeline "
                                "directory that has tokenizer/")
         folder = resolve_path(bundle_dir, spec["path"])
-        if (folder / "tokenizer.json").is_file():
-            tok = cls._from_tokenizers(folder, max_length)
-        elif (folder / "spiece.model").is_file():
-            tok = cls._from_sentencepiece(folder / "spiece.model", max_length)
-        else:
-            raise LitedgeError(f"{folder}: neither tokenizer.json nor spiece.model; re-export the bundle")
+        try:
+            if (folder / "tokenizer.json").is_file():
+                tok = cls._from_tokenizers(folder, max_length)
+            elif (folder / "spiece.model").is_file():
+                tok = cls._from_sentencepiece(folder / "spiece.model", max_length)
+            else:
+                raise LitedgeError(f"{folder}: neither tokenizer.json nor spiece.model; re-export the bundle")
+        except LitedgeError:
+            raise
+        except Exception as e:  # noqa: BLE001  tokenizers / sentencepiece / json raise their own types on garbage
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise LitedgeError(f"{folder}: the tokenizer cannot be read ({first}); re-export the bundle") from None
         tok.lowercase = lowercase
         return tok
 
