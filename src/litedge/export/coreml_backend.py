@@ -1,7 +1,7 @@
 """The Core ML backend of the coreml target: one ``.mlpackage`` per component, one function per bucket.
 
 Each component is traced with ``torch.jit.trace`` once per resolution bucket (a traced
-graph bakes the position embedding and LiT's reshape sizes, DESIGN.md), converted by
+graph bakes the position embedding and LiT's reshape sizes, docs/design.md), converted by
 coremltools to an ML program (fp16 compute, iOS18 / macOS15), optionally compressed to
 4-bit block-wise weights, and the per-bucket programs are combined with
 ``ct.utils.save_multifunction`` into one package whose functions share deduplicated
@@ -66,7 +66,7 @@ BLOCK_SIZE = 32
 WEIGHT_THRESHOLD = 2048  # coremltools leaves weights of at most this many elements uncompressed
 PREDICTION_SKIPPED = "Core ML prediction needs macOS"
 TRACE_RTOL = 1e-5  # the TorchScript trace runs the same kernels as eager PyTorch
-# Linear attention accumulates K^T V and its normalizer in fp32 (DESIGN.md): these MIL ops stay
+# Linear attention accumulates K^T V and its normalizer in fp32 (docs/design.md): these MIL ops stay
 # fp32 in the otherwise fp16 transformer (linear layers and softmax attention are other ops), and so
 # do the elementwise ops fed by them: 1 / (q . mean(k) + eps) is 1e6 for an all-zero ReLU query,
 # past fp16's 65504.

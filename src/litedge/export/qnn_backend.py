@@ -3,7 +3,7 @@
 Per image size in ``--sizes`` (one bucket each; latent = px / 8, batch 2 = conditional +
 unconditional, text length fixed) the transformer goes through the same steps:
 
-1. export fp32 ONNX with fixed shapes (legacy exporter, opset 17: DESIGN.md, facts);
+1. export fp32 ONNX with fixed shapes (legacy exporter, opset 17: docs/design.md, facts);
 2. fold constants (onnxruntime basic level: the sin-cos position table becomes one
    initializer, ``MatMul + Add`` becomes ``Gemm``) and decompose ``LayerNormalization``
    into primitives (:func:`litedge.export.qnn_ep.decompose_layernorm` says why);
@@ -29,7 +29,7 @@ simulator, no CPU QDQ run. At LiT-T2I-XL / 1024 px one PyTorch call takes ~2 min
 cores; the simulator run's time is recorded in the manifest (``fidelity.buckets[tag].simulator_s``).
 
 The timestep sinusoid stays in the graph: with uint16 activations it is as accurate as
-feeding the features (fp16 HTP is what loses it, DESIGN.md). ``--hub DEVICE`` also compiles
+feeding the features (fp16 HTP is what loses it, docs/design.md). ``--hub DEVICE`` also compiles
 and profiles each bucket's QDQ graph on Qualcomm AI Hub (:mod:`litedge.export.qai_hub`).
 The VAE decoder and text encoder are exported as fp32 ONNX for the CPU EP
 (``meta["providers"]``), not for HTP yet.

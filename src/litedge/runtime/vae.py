@@ -1,7 +1,7 @@
 """Latent -> image with the bundle's VAE decoder, tiled when the latent is large.
 
 A VAE decoder's activations grow with the image (an SDXL-class VAE needs ~16 GB at 2048 px
-untiled, DESIGN.md). Latents larger than ``tile`` on a side are cut into ``tile`` x ``tile``
+untiled, docs/design.md). Latents larger than ``tile`` on a side are cut into ``tile`` x ``tile``
 tiles that overlap by ``overlap`` latent pixels; each is decoded alone and the overlaps
 are cross-faded with linear ramps, so peak memory is that of one tile. Below ``tile`` the
 latent is decoded in one run, exactly.
