@@ -228,11 +228,10 @@ def test_large_graph_keeps_external_data_through_every_step_and_runs(student, tm
         seen["folded"] = _external(dst)
         return files
 
-    def quantize(src, dst, config, quantize=ortq.quantize):
+    def quantize(src, dst, reader, quantize=ortq.quantize_static, **kwargs):
         seen["prepared"] = _external(src)
         seen["opset"] = next(o.version for o in onnx.load(src, load_external_data=False).opset_import if o.domain == "")
-        seen["calibration"] = config.calibration_data_reader
-        quantize(src, dst, config)
+        quantize(src, dst, reader, **kwargs)
         seen["qdq"] = _external(dst)
 
     def compile_context(qdq, out, soc, compile_context=qnn_backend.compile_context):
@@ -240,7 +239,7 @@ def test_large_graph_keeps_external_data_through_every_step_and_runs(student, tm
         return compile_context(qdq, out, soc)
 
     monkeypatch.setattr(qnn_backend, "fold_constants", fold)
-    monkeypatch.setattr(ortq, "quantize", quantize)
+    monkeypatch.setattr(ortq, "quantize_static", quantize)
     monkeypatch.setattr(qnn_backend, "compile_context", compile_context)
     model, path = student
     out = tmp_path / "m.litedge"
@@ -274,3 +273,31 @@ def test_samples_plan_outputs_equal_a_second_pytorch_pass(student):
         with torch.no_grad():
             ref = wrapper(*(torch.from_numpy(feed[n]) for n in wrapper.spec().input_names)).numpy()
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+
+
+def test_minmax_ranges_equal_onnxruntimes_own_calibration(student, tmp_path):
+    """The bounded-memory calibration (priority-based order, weights dropped) gives onnxruntime's ranges."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    from litedge.export.calibration import FeedReader, minmax_ranges
+    from litedge.export.onnx_export import export_transformer
+    from litedge.export.qnn_ep import fold_constants
+
+    model, _ = student
+    result = export_transformer(model, tmp_path / "fp32.onnx", dynamic=False, sample_size=(8, 8), text_length=300)
+    fold_constants(result.path, tmp_path / "folded.onnx")
+    feeds = denoising_calibration(transformer_wrapper(model), (8, 8), text_length=300, steps=3, trajectories=1)
+    config = get_qnn_qdq_config(str(tmp_path / "folded.onnx"), None, activation_type=QuantType.QUInt16,
+                                weight_type=QuantType.QUInt8, per_channel=True)
+    ours = load_tensors_data(minmax_ranges(tmp_path / "folded.onnx", feeds, tmp_path / "cache.json",
+                                           op_types=config.op_types_to_quantize, external_data=True))
+    calibrator = create_calibrator(tmp_path / "folded.onnx", config.op_types_to_quantize,
+                                   augmented_model_path=str(tmp_path / "augmented.onnx"))
+    calibrator.collect_data(FeedReader(feeds))
+    theirs = calibrator.compute_data()
+    assert set(ours.data) == set(theirs.data) and len(ours.data) > 50
+    for name, rng in theirs.data.items():
+        np.testing.assert_array_equal(ours.data[name].range_value, rng.range_value, err_msg=name)
+    assert not list(tmp_path.glob(".calibration-*"))  # its work folder is gone

@@ -13,6 +13,10 @@ scaling factor makes clean latents unit-variance): an untrained model's loop div
 (|x| ~500 after 8 steps on the tiny random models), and a calibration range set by such
 latents leaves 16-bit steps too coarse for the inputs a trained model sees.
 
+:func:`minmax_ranges` then runs onnxruntime's MinMax calibrator on those feeds in bounded
+memory and writes its calibration cache, which ``quantize_static(calibration_cache_path=...)``
+reads instead of calibrating again.
+
 Example::
 
     from litedge.export.calibration import denoising_calibration, FeedReader
@@ -22,7 +26,11 @@ Example::
 
 from __future__ import annotations
 
+import gc
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -140,3 +148,53 @@ def denoising_samples(
             x = scheduler.step(eps, i, x)
             x = x / max(1.0, float(x.std()) / MAX_LATENT_STD)  # an untrained model's loop diverges
     return feeds, outputs
+
+
+def minmax_ranges(model: Path, feeds: Sequence[Feed], cache: Path, *, op_types: Sequence[str] | None,
+                  external_data: bool) -> Path:
+    """Min/max of every tensor onnxruntime's quantizer calibrates, over ``feeds``; a calibration cache.
+
+    The same calibrator as ``quantize_static`` (``MinMaxCalibrater``: ReduceMin/ReduceMax on
+    each tensor of ``op_types`` nodes, default options), run differently:
+
+    - its session uses a priority-based execution order. With onnxruntime's default order
+      the added Reduce nodes run late and keep their tensors alive: 8 GB peak for a 2-layer
+      LiT-T2I-XL at 1024 px, against 1.8 GB for the plain graph (same as priority-based);
+    - the calibrator's in-memory copy of the weights is dropped once the augmented graph
+      is written (``external_data``: the weights go to a ``.data`` file beside it).
+
+    Args:
+        model: the float ONNX graph that will be quantized (opset >= 21 for 16-bit types).
+        feeds: input name -> array, one dict per run.
+        cache: the JSON file to write (``onnxruntime.quantization.calibrate.save_tensors_data``).
+        op_types: the op types to quantize (``StaticQuantConfig.op_types_to_quantize``).
+        external_data: write the augmented graph with external data (large models).
+
+    Returns:
+        ``cache``, for ``quantize_static(..., calibration_cache_path=cache)``.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater, save_tensors_data
+
+    work = Path(tempfile.mkdtemp(prefix=".calibration-", dir=Path(cache).parent))
+    try:
+        calibrator = MinMaxCalibrater(str(model), op_types, augmented_model_path=str(work / "augmented.onnx"),
+                                      use_external_data_format=external_data)
+        calibrator.augment_graph()
+        if external_data:
+            del calibrator.model.graph.initializer[:]  # in augmented.onnx.data now; the session reads them there
+        gc.collect()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's own
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, options,
+                                                        providers=["CPUExecutionProvider"])
+        calibrator.collect_data(FeedReader(feeds))
+        ranges = calibrator.compute_data()
+        del calibrator
+        gc.collect()
+        save_tensors_data(ranges, cache)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Path(cache)

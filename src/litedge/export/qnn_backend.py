@@ -53,7 +53,7 @@ from litedge.bundle import BundleWriter
 from litedge.errors import LitedgeError
 from litedge.export.backend import BackendOptions, ExportReport, stage
 from litedge.export.bundle_export import BASE_DEFAULTS
-from litedge.export.calibration import Feed, FeedReader, denoising_calibration, denoising_samples
+from litedge.export.calibration import Feed, denoising_calibration, denoising_samples, minmax_ranges
 from litedge.export.onnx_backend import OnnxBackend
 from litedge.export.onnx_export import ExportResult, export_transformer
 from litedge.export.onnx_io import compare
@@ -141,6 +141,7 @@ class QnnBackend(OnnxBackend):
     """Transformer: QDQ (a16, int4/int8 weights) -> QNN HTP EPContext per size; others: fp32 ONNX on CPU."""
 
     support_meta = CPU_COMPONENT
+    streams = frozenset({"vae_decoder", "text_encoder"})  # the transformer is quantized for HTP from the whole model
 
     def __init__(self, target: TargetProfile, options: BackendOptions, report: ExportReport) -> None:
         super().__init__(target, options, report)
@@ -232,7 +233,7 @@ class QnnBackend(OnnxBackend):
         A large graph (:func:`litedge.export.qnn_ep.is_large`) keeps its weights in external
         data at every step: loaded here without them, edited, saved with the same data file.
         """
-        from onnxruntime.quantization import QuantType, quantize
+        from onnxruntime.quantization import QuantType, quantize_static
         from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
         tag = bucket.tag
@@ -251,13 +252,23 @@ class QnnBackend(OnnxBackend):
               f"{'y' if plan.calibration_trajectories == 1 else 'ies'} x {plan.calibration_steps} steps, "
               f"quantize (a16, {self.options.weights} per-channel weights)")
         weight_type = QuantType.QInt4 if self.options.weights == "int4" else QuantType.QUInt8
+        large = is_large(prepared)
+        cache = self._tmp(f"{tag}.calibration.json")
         with _quiet_quantizer():
-            config = get_qnn_qdq_config(str(prepared), FeedReader(bucket.calibration), activation_type=QuantType.QUInt16,
+            config = get_qnn_qdq_config(str(prepared), None, activation_type=QuantType.QUInt16,
                                         weight_type=weight_type, per_channel=True)
-            # external data when the input has it (onnxruntime decides so too); kept explicit
-            config.use_external_data_format = config.use_external_data_format or is_large(prepared)
-            quantize(str(prepared), str(qdq), config)
-        bucket.calibration = []
+            minmax_ranges(prepared, bucket.calibration, cache, op_types=config.op_types_to_quantize,
+                          external_data=large)
+            bucket.calibration = []
+            quantize_static(str(prepared), str(qdq), None, calibration_cache_path=str(cache),
+                            calibrate_method=config.calibrate_method, quant_format=config.quant_format,
+                            activation_type=config.activation_type, weight_type=config.weight_type,
+                            op_types_to_quantize=config.op_types_to_quantize,
+                            nodes_to_quantize=config.nodes_to_quantize, nodes_to_exclude=config.nodes_to_exclude,
+                            per_channel=config.per_channel, reduce_range=config.reduce_range,
+                            use_external_data_format=config.use_external_data_format or large,
+                            calibration_providers=config.calibration_providers, extra_options=config.extra_options)
+        cache.unlink()
         remove_model(prepared)
         gc.collect()
         return qdq
