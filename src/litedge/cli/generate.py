@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     p.add_argument("--batch", type=int, default=1, help="images to generate from this seed")
-    p.add_argument("--scheduler", help="dpmsolver++ or ddim (default: the bundle's)")
+    p.add_argument("--scheduler", help=_scheduler_help())
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: the bundle's target if present)")
     p.add_argument("--low-memory", action="store_true", help="load one model component at a time")
     p.add_argument("--class", dest="class_id", type=int, help="class id for class-conditional (DiT-like) bundles")
@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("-o", "--output", type=Path, help="PNG to write (with --batch N: NAME-0.png ... NAME-{N-1}.png)")
     out.add_argument("--output-dir", type=Path, help="folder to write PROMPT-SEED-I.png into")
     return add_common_args(p)  # -q/--quiet (no progress bar, warnings only), -v/--verbose, --version
+
+
+def _scheduler_help() -> str:
+    """Every scheduler name the runtime registers, by the kind of bundle it fits."""
+    from litedge.runtime.schedulers import SCHEDULERS
+
+    names = {cls.short_name: cls for cls in SCHEDULERS.values()}  # registry order
+    noise = ", ".join(n for n, cls in names.items() if not cls.flow)
+    flow = ", ".join(n for n, cls in names.items() if cls.flow)
+    return (f"{noise} (noise-prediction bundles: PixArt, DiT); {flow} (flow matching: SD3, MM-EDiT); "
+            "or a diffusers scheduler class name (default: the bundle's)")
 
 
 def _slug(text: str) -> str:
