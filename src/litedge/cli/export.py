@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-weights", action="store_true", help="... exported with random weights, for latency profiling")
     parser.add_argument("--target", default="cpu", help=f"device kind: {', '.join(TARGETS)}")
     parser.add_argument("--weights", choices=("fp", "int4", "int8"), help="weight format (default: the target's, int4 on cpu)")
+    parser.add_argument("--text-encoder-weights", choices=("fp", "int4", "int8"),
+                        help="weight format of the text encoders (T5, CLIP), e.g. int8 or fp for a more precise encoder "
+                        "than the transformer (default: as --weights)")
     parser.add_argument("--keep-fp", action="append", default=[], metavar="LAYER",
                         help="keep a layer (name or glob, e.g. 'proj_out') in full precision; repeatable")
     parser.add_argument("--sizes", type=_sizes, default=(),
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             raise LitedgeError("give either a SOURCE or --config NAME --random-weights, not both or neither")
         cfg = ExportConfig(
             out=args.out, source=args.source, config_name=args.config_name, target=args.target, weights=args.weights,
+            text_encoder_weights=args.text_encoder_weights,
             sizes=args.sizes, keep_fp=tuple(args.keep_fp), soc=args.soc, hub_device=args.hub_device, force=args.force,
             text_max_length=args.text_max_length, steps=args.steps, guidance_scale=args.guidance_scale,
             teacher=args.teacher,

@@ -53,10 +53,17 @@ class BackendOptions:
     soc: str | None = None  # snapdragon SoC, e.g. "sm8650"
     hub_device: str | None = None  # Qualcomm AI Hub device name
     text_max_length: int | None = None  # prompt tokens of static-shape text graphs (None: the base model's)
+    text_encoder_weights: str | None = None  # "fp", "int4", "int8" for the text encoders; None: as ``weights``
 
 
 class Backend(abc.ABC):
-    """Exports the components of one model for one target into a bundle being written."""
+    """Exports the components of one model for one target into a bundle being written.
+
+    Components named in ``streams`` are handed over as skeletons (placeholder weights) with
+    a ``weights=`` source to read one tensor at a time; the others get the whole model.
+    """
+
+    streams: frozenset[str] = frozenset()
 
     def __init__(self, target: TargetProfile, options: BackendOptions, report: ExportReport) -> None:
         self.target, self.options, self.report = target, options, report

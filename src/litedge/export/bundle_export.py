@@ -8,9 +8,13 @@ hash every file, write the manifest last and move the finished bundle into place
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +50,8 @@ class ExportConfig:
         text_max_length: prompt tokens; None takes the base model's.
         steps, guidance_scale: the sampling defaults the bundle's manifest records (what
             lit-generate uses when not told); None takes the base pipeline's (PixArt 20, 4.5).
+        text_encoder_weights: "fp", "int4" or "int8" for the text encoders (e.g. fp for a
+            higher-precision encoder than the transformer); None: as ``weights``.
     """
 
     out: Path
@@ -61,6 +67,7 @@ class ExportConfig:
     text_max_length: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    text_encoder_weights: str | None = None
     teacher: bool = False  # export the softmax teacher, attention in query chunks (rewrites.bound_attention_)
 
     def __post_init__(self) -> None:
@@ -71,24 +78,38 @@ class ExportConfig:
         check_export_config(self)  # litedge.export.validate: output vs source, value bounds, --soc
 
 
-def _load(cfg: ExportConfig):
-    from litedge.models.configs import build_model, get_config
-    from litedge.models.linearize import TEACHER_KINDS, linearize_config_of
-    from litedge.models.loading import LoadedModel, load_model
+def _load(cfg: ExportConfig, workdir: Path):
+    """The source, opened lazily: a directory's weights stay on disk (``loaded.weights``).
+
+    ``--config NAME --random-weights`` first builds the config's complete random pipeline
+    (text encoders, tokenizers, VAE; bf16 shards as real checkpoints) in ``workdir``.
+    """
+    from litedge.models.loading import open_model
 
     if cfg.config_name is not None:
-        spec = get_config(cfg.config_name)
-        model = build_model(cfg.config_name, teacher=cfg.teacher)
-        loaded = LoadedModel(model, TEACHER_KINDS[spec.teacher_class], linearize_config_of(model), source=spec.name)
-    elif cfg.source is None:
-        raise LitedgeError("nothing to export: give a SOURCE, or --config NAME --random-weights")
-    else:
-        loaded = load_model(cfg.source)
-    if cfg.teacher:
-        from litedge.export.rewrites import teacher_for_export
+        from litedge.models.configs import get_config
+        from litedge.models.random_pipeline import build_random_pipeline
 
-        teacher_for_export(loaded)
-    return loaded
+        get_config(cfg.config_name)  # an unknown name is one line before anything is built
+        stage(f"building a random-weight {cfg.config_name} pipeline (bf16 shards, as real checkpoints are stored)")
+        loaded = open_model(build_random_pipeline(cfg.config_name, workdir / "random-pipeline"))
+        loaded.source = cfg.config_name
+        return loaded
+    if cfg.source is None:
+        raise LitedgeError("nothing to export: give a SOURCE, or --config NAME --random-weights")
+    return open_model(cfg.source)
+
+
+def _component(backend, name: str, module, weights, key_of=None):
+    """``(module, weights kwargs)`` for a backend call: a skeleton streams, otherwise it is filled first."""
+    if weights is None:
+        return module, {}
+    if name in backend.streams:
+        return module, {"weights": weights}
+    from litedge.models.weights import materialize
+
+    stage(f"{name}: loading its weights whole (target {backend.target.name} converts the full model)")
+    return materialize(module, weights, key_of=key_of), {}
 
 
 def _pipeline_part(loaded, name: str) -> Path | None:
@@ -96,14 +117,30 @@ def _pipeline_part(loaded, name: str) -> Path | None:
     return part if part is not None and part.is_dir() else None
 
 
-def _load_vae(loaded):
+def _open_vae(loaded):
+    """The source's VAE as a skeleton and its lazily read weights; (None, None) without vae/."""
     vae_dir = _pipeline_part(loaded, "vae")
     if vae_dir is None:
         stage("no vae/ in the source: the bundle holds the transformer only (enough for lit-profile)")
-        return None
+        return None, None
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
+    from litedge.models.weights import SafetensorsWeights, empty_weights, placeholder_parameters
+
+    weights = SafetensorsWeights(vae_dir)
+    with empty_weights():
+        vae = AutoencoderKL.from_config(_json(vae_dir / "config.json"))
+    return placeholder_parameters(vae).eval(), weights
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LitedgeError(f"{path}: not a readable JSON config ({exc}); fix or re-download it") from None
+    if not isinstance(value, dict):
+        raise LitedgeError(f"{path}: expected a JSON object of settings, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -142,11 +179,22 @@ def _text_encoder_slots(loaded) -> list[TextEncoderSlot]:
     return present
 
 
-def _load_text_encoder(loaded, slot: TextEncoderSlot):
+def _open_text_encoder(loaded, slot: TextEncoderSlot):
+    """A text encoder as a skeleton (its config) and its lazily read safetensors weights."""
     import transformers
 
+    from litedge.models.weights import SafetensorsWeights, empty_weights, placeholder_parameters
+
+    folder = _pipeline_part(loaded, slot.name)
     cls = getattr(transformers, slot.cls)
-    return cls.from_pretrained(_pipeline_part(loaded, slot.name), use_safetensors=True).eval()
+    weights = SafetensorsWeights(folder)
+    try:
+        config = cls.config_class.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise LitedgeError(f"{folder}/config.json: not a {slot.cls} config ({exc})") from None
+    with empty_weights():
+        encoder = cls(config)
+    return placeholder_parameters(encoder).eval(), weights
 
 
 def _copy_tokenizer(loaded, writer: BundleWriter, slot: TextEncoderSlot) -> dict:
@@ -170,12 +218,13 @@ def _export_text_encoders(loaded, backend, writer: BundleWriter) -> dict | None:
     """
     tokenizers = {}
     for slot in _text_encoder_slots(loaded):
-        encoder = _load_text_encoder(loaded, slot)
+        encoder, kwargs = _component(backend, "text_encoder", *_open_text_encoder(loaded, slot))
         if slot.name == "text_encoder":  # backends written before SD3 take no name
-            backend.text_encoder(encoder, writer)
+            backend.text_encoder(encoder, writer, **kwargs)
         else:
-            backend.text_encoder(encoder, writer, name=slot.name)
-        del encoder
+            backend.text_encoder(encoder, writer, name=slot.name, **kwargs)
+        del encoder, kwargs
+        gc.collect()
         tokenizers[slot.tokenizer] = _copy_tokenizer(loaded, writer, slot)
     if not tokenizers:
         return None
@@ -239,23 +288,72 @@ def export_bundle(cfg: ExportConfig) -> ExportReport:
             Nothing is left at ``cfg.out`` then.
     """
     target = get_target(cfg.target)
+    text_weights = target.check_weights(cfg.text_encoder_weights) if cfg.text_encoder_weights else None
     options = BackendOptions(weights=target.check_weights(cfg.weights), sizes=cfg.sizes, keep_fp=cfg.keep_fp,
-                             soc=cfg.soc, hub_device=cfg.hub_device, text_max_length=cfg.text_max_length)
+                             soc=cfg.soc, hub_device=cfg.hub_device, text_max_length=cfg.text_max_length,
+                             text_encoder_weights=text_weights)
     report = ExportReport(path=Path(cfg.out))
     backend = load_backend(target, options, report)
     writer = BundleWriter(cfg.out, force=cfg.force)
-    loaded = _load(cfg)
-    multiple = 8 * int(loaded.transformer.config.patch_size)
-    bad = [s for s in cfg.sizes if s <= 0 or s % multiple]
+    with _scratch(Path(cfg.out)) as workdir, _resources_as_errors(Path(cfg.out)):
+        return _export(cfg, target, options, report, backend, writer, workdir)
+
+
+@contextlib.contextmanager
+def _scratch(out: Path):
+    """A hidden work folder beside the output (random pipelines), removed however the export ends."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _resources_as_errors(out: Path):
+    """Out of memory or disk space mid-export -> one LitedgeError (the temporary folders are removed on the way out)."""
+    try:
+        yield
+    except MemoryError:
+        raise LitedgeError(
+            f"out of memory while exporting to {out}: close other programs, or export on a machine with more RAM "
+            "(lit-info on a bundle of the same config says what it needs)"
+        ) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(out.parent).free / 1e9
+            raise LitedgeError(
+                f"out of disk space while exporting to {out} ({free:.1f} GB free now): free space or choose another -o"
+            ) from None
+        raise
+
+
+def _check_sizes(sizes: tuple[int, ...], patch_size: int) -> None:
+    multiple = 8 * int(patch_size)
+    bad = [s for s in sizes if s <= 0 or s % multiple]
     if bad:
         raise LitedgeError(f"--sizes {','.join(map(str, bad))}: image sizes must be positive multiples of {multiple} "
                            "(VAE factor 8 x patch size)")
+
+
+def _export(cfg, target, options, report, backend, writer, workdir: Path) -> ExportReport:
+    if cfg.config_name is not None:  # before building anything
+        from litedge.models.configs import get_config
+
+        _check_sizes(cfg.sizes, get_config(cfg.config_name).teacher_config["patch_size"])
+    loaded = _load(cfg, workdir)
+    _check_sizes(cfg.sizes, loaded.transformer.config.patch_size)
     base = BASE_DEFAULTS[loaded.kind]
     with writer:
-        backend.transformer(loaded.transformer, writer)
-        vae = _load_vae(loaded)
+        transformer, kwargs = _component(backend, "transformer", loaded.transformer, loaded.weights)
+        backend.transformer(transformer, writer, **kwargs)
+        del kwargs
+        gc.collect()
+        vae, vae_weights = _open_vae(loaded)
         if vae is not None:
-            backend.vae_decoder(vae, writer)
+            vae, kwargs = _component(backend, "vae_decoder", vae, vae_weights)
+            backend.vae_decoder(vae, writer, **kwargs)
         tokenizer = _export_text_encoders(loaded, backend, writer)
         backend.finish(writer)
         model_section = _model_section(loaded, vae, cfg.text_max_length or base["text_max_length"])

@@ -1,4 +1,12 @@
-"""The ONNX backend of the cpu target: fp32 graphs with dynamic shapes, int4 MatMulNBits weights."""
+"""The ONNX backend of the cpu target: fp32 graphs with dynamic shapes, int4 / int8 MatMulNBits weights.
+
+Every component is exported streamed (:mod:`litedge.export.streaming`): traced without its
+weights, which are then written from the checkpoint one tensor at a time and quantized as
+they are written, so a 19 GB T5-XXL exports in the memory of one layer plus the written
+graph's check. The transformer and the text encoders take ``--weights`` (the text encoders
+``--text-encoder-weights`` when given; their token tables int4 too); the VAE decoder stays
+fp32 (convolutions: MatMulNBits does not apply).
+"""
 
 from __future__ import annotations
 
@@ -8,66 +16,96 @@ from torch import nn
 
 from litedge.bundle import BundleWriter
 from litedge.export.backend import Backend, stage
-from litedge.export.onnx_export import ExportResult, export_text_encoder, export_transformer, export_vae_decoder
-from litedge.export.onnx_io import model_files
+from litedge.export.onnx_export import ExportResult
+from litedge.export.onnx_io import file_bytes
+from litedge.export.rewrites import dynamic_pos_embed
+from litedge.export.specs import SampleSize, VaeDecoderWrapper, text_encoder_wrapper, transformer_wrapper
+from litedge.export.streaming import export_streamed
+from litedge.export.weight_writer import WeightFormat
+from litedge.models.weights import ModuleWeights, WeightSource
+
+# Weights per scale: 32 for the transformer (its accuracy decides the image), 64 for text encoders
+# (T5-XXL is 90% of a PixArt bundle: 64 keeps the LiT-T2I-XL bundle within 3.5 GB).
+BLOCK_SIZES = {"transformer": 32, "text_encoder": 64}
+TRACE_LATENT = 16  # latent size the transformer is traced and checked at (the graph is dynamic)
+
+
+def weight_format(weights: str, *, block_size: int, keep_fp: tuple[str, ...] = (), embeddings: bool = False) -> WeightFormat:
+    """``--weights`` value -> :class:`WeightFormat`."""
+    bits = {"fp": None, "int4": 4, "int8": 8}[weights]
+    return WeightFormat(bits=bits, block_size=block_size, embeddings=embeddings and bits is not None, exclude=keep_fp)
 
 
 class OnnxBackend(Backend):
-    """fp32 ONNX (legacy exporter, the target's opset), dynamic latent size, optional int4 weights."""
+    """fp32 ONNX (legacy exporter, the target's opset), dynamic latent size, optional int4 / int8 weights."""
 
+    streams = frozenset({"transformer", "vae_decoder", "text_encoder"})
     # Added to the VAE decoder's and text encoders' manifest meta (a subclass that compiles
     # only the transformer says here where the other components run).
     support_meta: dict = {}
 
-    def transformer(self, model: nn.Module, writer: BundleWriter) -> None:
+    def transformer(self, model: nn.Module, writer: BundleWriter, weights: WeightSource | None = None) -> None:
         stage(f"transformer ({type(model).__name__}): export to ONNX, parity check")
-        quantize = self.options.weights == "int4"
-        # An int4 export quantizes an fp32 intermediate; external data keeps the name it was written with.
-        path = writer.path / ("transformer.fp32.onnx" if quantize else "transformer.onnx")
-        result = export_transformer(model, path, opset=self.target.opset)
-        self._fidelity("transformer", result)
-        files, meta = result.files, {"weights": self.options.weights, **result.metadata}
-        if quantize:
-            files, meta["quantization"] = self._int4(result, writer.path / "transformer.onnx")
-        self._add(writer, "transformer", result, files, meta)
+        wrapper = transformer_wrapper(model)
+        fmt = weight_format(self.options.weights, block_size=BLOCK_SIZES["transformer"], keep_fp=self.options.keep_fp)
+        p = wrapper.patch_size
+        side = max(TRACE_LATENT // p, 2) * p
+        wide = side + 2 * p
+        if wrapper.metadata().get("max_width") is not None and wide > wrapper.metadata()["max_width"]:
+            wide = side - 2 * p
+        result = export_streamed(
+            "transformer", wrapper, weights or ModuleWeights(model), writer.path / "transformer.onnx",
+            trace=SampleSize(2, side, side, 8), check_sizes=[SampleSize(1, side, side, 8), SampleSize(2, side, wide, 5)],
+            opset=self.target.opset, fmt=fmt, rewrite=lambda: dynamic_pos_embed(model),
+        )
+        self._record("transformer", result, fmt)
+        self._add(writer, "transformer", result, {"weights": self.options.weights, **result.metadata})
 
-    def vae_decoder(self, vae: nn.Module, writer: BundleWriter) -> None:
-        stage("vae_decoder: export to ONNX, parity check")
-        result = export_vae_decoder(vae, writer.path / "vae_decoder.onnx", opset=self.target.opset)
-        self._fidelity("vae_decoder", result)
-        self._add(writer, "vae_decoder", result, result.files, {**result.metadata, **self.support_meta})
+    def vae_decoder(self, vae: nn.Module, writer: BundleWriter, weights: WeightSource | None = None) -> None:
+        stage("vae_decoder: export to ONNX, parity check (fp32: its convolutions stay full precision)")
+        result = export_streamed(
+            "vae_decoder", VaeDecoderWrapper(vae), weights or ModuleWeights(vae), writer.path / "vae_decoder.onnx",
+            trace=SampleSize(1, 16, 16), check_sizes=[SampleSize(1, 16, 16), SampleSize(2, 16, 24)], opset=self.target.opset,
+        )
+        self._record("vae_decoder", result, WeightFormat())
+        self._add(writer, "vae_decoder", result, {"weights": "fp", **result.metadata, **self.support_meta})
 
-    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder") -> None:
-        stage(f"{name} ({type(encoder).__name__}): export to ONNX, parity check")
-        result = export_text_encoder(encoder, writer.path / f"{name}.onnx", opset=self.target.opset)
-        self._fidelity(name, result)
-        self._add(writer, name, result, result.files, {**result.metadata, **self.support_meta})
+    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder",
+                     weights: WeightSource | None = None) -> None:
+        choice = self.options.text_encoder_weights or self.options.weights
+        stage(f"{name} ({type(encoder).__name__}): export to ONNX ({choice} weights), parity check")
+        fmt = weight_format(choice, block_size=BLOCK_SIZES["text_encoder"], embeddings=True)
+        result = export_streamed(
+            name, text_encoder_wrapper(encoder), weights or ModuleWeights(encoder), writer.path / f"{name}.onnx",
+            trace=SampleSize(2, 1, 1, 16), check_sizes=[SampleSize(1, 1, 1, 16), SampleSize(2, 1, 1, 11)],
+            opset=self.target.opset, fmt=fmt,
+        )
+        self._record(name, result, fmt)
+        self._add(writer, name, result, {"weights": choice, **result.metadata, **self.support_meta})
 
     # ------------------------------------------------------------------ shared steps
 
-    def _fidelity(self, name: str, result: ExportResult) -> None:
-        self.report.fidelity[name] = {**result.fidelity, "vs": "torch-fp32"}
-
-    def _int4(self, result: ExportResult, out: Path) -> tuple[list[Path], dict]:
-        """Quantize an exported fp32 graph to int4 weights; deletes the fp32 files."""
-        from litedge.quantize.int4 import quantize_int4
-
-        stage("transformer: 4-bit weights (MatMulNBits, block 32, symmetric)")
-        quant = quantize_int4(result.path, out, exclude=self.options.keep_fp, check_inputs=result.sample_inputs)
-        stage(f"transformer: {quant.summary()}")
-        meta = {
-            "block_size": quant.block_size, "symmetric": quant.symmetric, "quantized": len(quant.quantized),
-            "left_fp32": quant.left_fp32, "size_before": quant.size_before, "size_after": quant.size_after,
-        }
-        self.report.quantization["transformer"] = meta
-        self.report.fidelity["transformer_int4"] = quant.fidelity or {}
-        for path in result.files:
-            path.unlink()
-        return model_files(quant.path), meta
+    def _record(self, name: str, result: ExportResult, fmt: WeightFormat) -> None:
+        """Fidelity into the report: the exact check as ``name``, the quantized one as ``name_int4``."""
+        fidelity = dict(result.fidelity)
+        quantized = fidelity.pop("quantized", None)
+        self.report.fidelity[name] = fidelity
+        if quantized is not None:
+            suffix = fmt.label.split("-")[0]
+            self.report.fidelity[f"{name}_{suffix}"] = quantized
+            quant = result.metadata["quantization"]
+            quant["size_after"] = file_bytes(result.path)
+            self.report.quantization[name] = quant
+            left = f"; {len(quant['left_fp32'])} fp32: {', '.join(quant['left_fp32'])}" if quant["left_fp32"] else ""
+            table = "; token table int4" if quant["embeddings"] != "fp32" else ""
+            stage(f"{name}: {quant['quantized']}/{quant['quantized'] + len(quant['left_fp32'])} linear layers {suffix} "
+                  f"(block {fmt.block_size}, symmetric){left}{table}; {quant['size_after'] / 1e6:.1f} MB; "
+                  f"rel_err {quantized['rel_err']:.3g} vs fp32")
 
     @staticmethod
-    def _add(writer: BundleWriter, name: str, result: ExportResult, files: list[Path], meta: dict) -> None:
+    def _add(writer: BundleWriter, name: str, result: ExportResult, meta: dict) -> None:
+        files = result.files
         writer.add_component(
             name, files[0].name, inputs=result.inputs, outputs=result.outputs, shapes="dynamic",
-            extra_files=[p.name for p in files[1:]], meta=meta,
+            extra_files=[Path(p).name for p in files[1:]], meta=meta,
         )

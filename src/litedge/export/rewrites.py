@@ -50,6 +50,7 @@ class Rank4Unpatchify(nn.Module):
         # perm[j] for j = (c, pi, qi) flattened is the diffusers row (pi, qi, c).
         perm = torch.arange(p * p * c).reshape(p, p, c).permute(2, 0, 1).reshape(-1)
         self.patch_size = p
+        self.perm = perm  # (p*p*C,) int64: the diffusers row behind each output feature (streamed export reads it)
         self.register_buffer("weight", proj_out.weight.detach()[perm].clone())
         bias = proj_out.bias.detach()[perm].clone() if proj_out.bias is not None else None
         self.register_buffer("bias", bias)

@@ -28,6 +28,7 @@ CLIPTextModelWithProjection  input_ids (B,L) i64 -> hidden_states (B,L,D) (the p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -159,6 +160,17 @@ class TransformerWrapper(nn.Module):
     def metadata(self) -> dict:
         """Facts the runtime needs that the shapes do not say."""
         return {"kind": self.kind, "patch_size": self.patch_size, "latent_multiple": self.patch_size}
+
+    def derived_weights(self) -> dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """Buffers computed from a parameter (the rank-4 unpatchify's permuted final layer): name -> (parameter, how).
+
+        A streamed export reads them from the checkpoint through this, since a skeleton's copy is zeros.
+        """
+        perm, layer = self.proj_out.perm, f"model.{self.proj_out_name}"
+        derived = {"proj_out.weight": (f"{layer}.weight", lambda w: w[perm])}
+        if self.proj_out.bias is not None:
+            derived["proj_out.bias"] = (f"{layer}.bias", lambda b: b[perm])
+        return derived
 
 
 class PixArtWrapper(TransformerWrapper):

@@ -54,7 +54,7 @@ _EXPORT = "litedge.export"
 TARGETS: dict[str, TargetProfile] = {
     p.name: p
     for p in (
-        TargetProfile("cpu", "onnx", "dynamic", "fp32", ("int4", "fp"), ("CPUExecutionProvider",),
+        TargetProfile("cpu", "onnx", "dynamic", "fp32", ("int4", "fp", "int8"), ("CPUExecutionProvider",),
                       f"{_EXPORT}.onnx_backend:OnnxBackend"),
         TargetProfile("cuda", "onnx", "dynamic", "fp16", ("int4", "fp"), ("CUDAExecutionProvider", "CPUExecutionProvider"),
                       f"{_EXPORT}.fp16_backend:CudaBackend"),

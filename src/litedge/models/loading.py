@@ -22,10 +22,11 @@ from torch import nn
 from litedge.errors import LitedgeError
 from litedge.models import original_checkpoints as original
 from litedge.models.configs import CONFIGS, get_config
-from litedge.models.linearize import TEACHER_KINDS, LinearizeConfig, linearize_config_of
+from litedge.models.linearize import TEACHER_KINDS, LinearizeConfig, linearize_config_of, teacher_kind
 from litedge.models.student import (
     CONFIG_NAME, LITEDGE_KEY, build_from_config, load_state_dict_checked, load_transformer,
 )
+from litedge.models.weights import SafetensorsWeights, WeightSource, empty_weights, placeholder_parameters
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -51,6 +52,9 @@ class LoadedModel:
     pipeline_dir: Path | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     source: str = ""
+    # Set when the transformer is a skeleton (placeholder weights, see litedge.models.weights): its
+    # weights are read from here one tensor at a time. None: the transformer holds its weights.
+    weights: WeightSource | None = None
 
     @property
     def family(self) -> str:
@@ -89,6 +93,55 @@ def _load_single_file(path: Path, config, prefer_ema: bool, num_heads: int | Non
         transformer=model.eval(), kind=TEACHER_KINDS[type(model).__name__], linear=linearize_config_of(model),
         extras=converted.extras, source=str(path),
     )
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise LitedgeError(f"{directory} has no {CONFIG_NAME}: expected a diffusers model directory")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LitedgeError(f"{path}: not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise LitedgeError(f"{path}: expected a JSON object of model settings, got {type(config).__name__}")
+    return config
+
+
+def open_transformer(directory: str | os.PathLike) -> tuple[nn.Module, SafetensorsWeights]:
+    """A transformer directory as a skeleton (placeholder weights) and its lazily read weights.
+
+    Nothing is loaded: peak memory is the skeleton's buffers. Use with
+    :func:`litedge.models.weights.streamed_weights` or ``materialize``.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    weights = SafetensorsWeights(directory)
+    try:
+        with empty_weights():
+            model = build_from_config(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise LitedgeError(f"{directory / CONFIG_NAME}: settings the model class does not accept ({exc})") from None
+    return placeholder_parameters(model).eval(), weights
+
+
+def open_model(source: str | os.PathLike, **kwargs) -> LoadedModel:
+    """Like :func:`load_model`, but a directory's transformer is a skeleton with ``weights`` to stream from.
+
+    Single files (``.safetensors``, ``.pth``) are loaded whole, as :func:`load_model` does.
+    """
+    path = Path(source)
+    if path.is_dir() and ((path / "model_index.json").is_file() or (path / CONFIG_NAME).is_file()):
+        pipeline_dir = path if (path / "model_index.json").is_file() else None
+        transformer_dir = path / "transformer" if pipeline_dir is not None else path
+        if pipeline_dir is not None and not transformer_dir.is_dir():
+            raise LitedgeError(f"{path}: pipeline directory without a transformer/ subfolder")
+        model, weights = open_transformer(transformer_dir)
+        return LoadedModel(
+            transformer=model, kind=teacher_kind(model), linear=linearize_config_of(model),
+            pipeline_dir=pipeline_dir, source=str(path), weights=weights,
+        )
+    return load_model(source, **kwargs)
 
 
 def load_model(
