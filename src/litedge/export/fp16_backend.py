@@ -524,24 +524,29 @@ class CudaBackend(Backend):
         cuda_only = fuse == "vae_decoder" and self.cuda_fusions  # the transformer's fusions all run on CPU too
         conv = convert_to_fp16(fp32.path, fp16_path, fuse=fuse, cuda_only=cuda_only)
         # A graph with CUDA-only ops cannot run on the CPU EP: its twin with the portable
-        # fusions (same islands, same conversion) is what the parity check runs.
-        twin = convert_to_fp16(fp32.path, out.with_name(f".{out.stem}.check.onnx"), fuse=fuse) if cuda_only else None
+        # fusions (same islands, same conversion) is what the parity check runs, and what the
+        # runtime loads when the bundle runs on the CPU EP (meta["cpu_graph"]).
+        twin = convert_to_fp16(fp32.path, out.with_name(out.stem + ".cpu.onnx"), fuse=fuse) if cuda_only else None
         for path in fp32.files:
             path.unlink()
         meta = {"weights": self.options.weights if name == "transformer" else "fp", **fp32.metadata, **conv.meta()}
         meta["precision"] = "fp16"
         if twin is not None:
-            meta["fidelity_graph"] = ("the graph with the fusions the CPU EP runs; the CUDA-only ones "
+            meta["cpu_graph"] = twin.path.name
+            meta["fidelity_graph"] = (f"{twin.path.name}: the fusions the CPU EP runs; the CUDA-only ones "
                                       f"({', '.join(sorted(set(conv.fusions) - set(twin.fusions)))}) are checked on "
                                       "a GPU by bench/gpu_check.sh")
         try:
             fid = self._fp16_fidelity(name, label, fp32, wrapper, twin or conv)
-        finally:
+        except BaseException:
             for path in twin.files if twin is not None else ():
                 path.unlink(missing_ok=True)
-        if fid is None and twin is not None:
+            raise
+        if fid is None and twin is not None:  # fp16 unusable: both graphs go (the twin's are gone already)
             for path in conv.files:
                 path.unlink(missing_ok=True)
+            meta.pop("cpu_graph")
+            meta.pop("fidelity_graph")
         files = conv.files
         if fid is None:  # fp16 overflowed: keep this component fp32
             fp32 = export(out, **kwargs)
@@ -550,6 +555,8 @@ class CudaBackend(Backend):
         self.report.fidelity[label.replace(" ", "@")] = fid
         if quantize:
             files, meta["quantization"] = self._int4(label, fp32, wrapper, conv, out)
+        if "cpu_graph" in meta:
+            files = [*files, *twin.files]
         return {"files": [p.name for p in files], "inputs": fp32.inputs, "outputs": fp32.outputs, "meta": meta}
 
     def _fp16_fidelity(self, name: str, label: str, fp32: ExportResult, wrapper: nn.Module, conv: Fp16Report) -> dict | None:

@@ -118,6 +118,8 @@ _session_options = session_options  # the name bench/int4.py patches
 # Execution providers whose sessions run through IO binding, and onnxruntime's name of their device.
 IO_BINDING_PROVIDERS = frozenset({"CUDAExecutionProvider"})
 ORT_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+# Providers that run the CUDA-only fused ops (GroupNorm, NhwcConv) of a cuda bundle's main graph.
+CUDA_ONLY_OPS_PROVIDERS = frozenset({"CUDAExecutionProvider"})
 
 
 def optimized_graph_path(component: Component, device: Device, cache_dir: str | Path | None = None) -> Path | None:
@@ -182,6 +184,9 @@ class ComponentSession:
                 the component has no graph for ``bucket``.
         """
         file = component.file
+        if component.meta.get("cpu_graph") and device.provider not in CUDA_ONLY_OPS_PROVIDERS:
+            # a cuda VAE's fused graph holds ops only the CUDA EP has; its portable twin runs elsewhere
+            file = component.meta["cpu_graph"]
         if bucket is not None:
             buckets = component.meta.get("buckets") or {}
             if bucket not in buckets:

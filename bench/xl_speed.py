@@ -1,0 +1,219 @@
+"""Student vs softmax teacher at PixArt-Sigma-XL width (1152), random weights, onnxruntime CPU.
+
+One process measures, side by side and under the same machine load:
+
+- the machine's fp32 matmul rate (ORT MatMul and torch.mm, 4096^3, best of 3);
+- one denoising step (batch 2: cond + uncond, 300 text tokens) of a LiT student and of
+  its softmax teacher (``lit-export --teacher``: attention in query chunks), for each
+  ``--weights`` and ``--sizes``, through lit-profile's own measurement (median of
+  ``--repeat`` after a warm-up), with each step's matmul FLOPs (counted from the config,
+  :func:`step_flops`) as a fraction of the matmul rate, and the measured teacher/student
+  ratio next to the FLOP ratio;
+- ``--layer-scan 2,4,6``: the student at each depth, with lit-profile ``--ops`` (operator
+  groups, achieved rate per group, arena size), a least-squares fit ``step = fixed +
+  per_layer * layers``, and each depth's deviation from it.
+
+Depth is overridden on the named config (``LiT-T2I-XL`` with ``num_layers`` replaced, a
+bench-local registry entry); ``--student-layers 28`` adds the full-depth student.
+Heavy: run it as ``flock /tmp/litedge-heavy.lock nice -n 5 python bench/xl_speed.py ...``.
+
+    python bench/xl_speed.py --sizes 512,1024,2048 --weights fp,int4
+    python bench/xl_speed.py --layer-scan 2,4,6 --sizes 1024 --no-teacher --weights fp
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from litedge.export.bundle_export import ExportConfig, export_bundle
+from litedge.models import configs
+from litedge.profile.measure import profile_bundle
+
+BASE = "LiT-T2I-XL"
+TEXT = 300  # PixArt-Sigma's prompt tokens
+BATCH = 2  # cond + uncond
+
+
+def cpu_name() -> str:
+    """``lscpu``'s model name and core count: named beside every timing."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores"
+    except (OSError, subprocess.CalledProcessError):
+        return f"{os.uname().machine}, {os.cpu_count()} cores"
+
+
+def matmul_rates(n: int = 4096) -> dict[str, float]:
+    """fp32 GFLOP/s of one n^3 matmul, best of 3: onnxruntime's MatMul (the kernels the bundles
+    run) and torch.mm."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from litedge.runtime.devices import DEVICES
+    from litedge.runtime.session import session_options
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(DEVICES["cpu"]),
+                                   providers=["CPUExecutionProvider"])
+    a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    rates = {}
+    for name, fn in (("ort", lambda: session.run(None, {"a": a, "b": b})), ("torch", lambda: torch.mm(ta, tb))):
+        fn()
+        best = min(_seconds(fn) for _ in range(3))
+        rates[name] = 2 * n**3 / best / 1e9
+    return rates
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_flops(layers: int, size: int, *, teacher: bool, width: int = 1152, student_heads: int = 2,
+               caption: int = 4096, text: int = TEXT, batch: int = BATCH) -> float:
+    """Matmul + convolution FLOPs (2 per multiply-add) of one PixArt-XL step at ``size`` px.
+
+    Per block, N = (size / 16)^2 tokens, C = width, L = text tokens: projections 4 N C^2
+    (self-attention q, k, v, out), cross-attention 2 N C^2 + 2 L C^2 + 2 N L C, MLP 8 N C^2;
+    softmax self-attention 2 N^2 C; LiT's linear attention 2 N C (C / heads) and its 5x5
+    depthwise conv 25 N C. Outside the blocks: the caption MLP (L x 4096 -> C -> C), patch
+    embedding, the adaLN-single timestep MLP (6 C^2) and the final layer (N C 32).
+    """
+    n, c, L = (size // 16) ** 2, width, text
+    block = 4 * n * c * c + 2 * n * c * c + 2 * L * c * c + 2 * n * L * c + 8 * n * c * c
+    block += 2 * n * n * c if teacher else 2 * n * c * (c // student_heads) + 25 * n * c
+    outside = L * caption * c + L * c * c + n * 4 * 4 * c + 256 * c + c * c + 6 * c * c + n * c * 32
+    return 2.0 * batch * (layers * block + outside)
+
+
+def register(layers: int) -> str:
+    """A bench-local config: LiT-T2I-XL with ``layers`` blocks (its student and its teacher)."""
+    spec = configs.get_config(BASE)
+    name = f"{BASE}-{layers}L"
+    configs.CONFIGS[name] = dataclasses.replace(spec, name=name,
+                                                teacher_config={**spec.teacher_config, "num_layers": layers})
+    return name
+
+
+def bundle(work: Path, layers: int, weights: str, teacher: bool) -> Path:
+    """Export (once; reused from ``work``) the student or teacher bundle, cpu target."""
+    out = work / f"xl{layers}-{'teacher' if teacher else 'student'}-{weights}.litedge"
+    if not (out / "manifest.json").is_file():
+        start = time.perf_counter()
+        export_bundle(ExportConfig(out=out, config_name=register(layers), target="cpu", weights=weights,
+                                   teacher=teacher, text_max_length=TEXT, force=True))
+        print(f"# exported {out.name} in {time.perf_counter() - start:.0f} s", flush=True)
+    return out
+
+
+def measure(path: Path, size: int, repeat: int, ops: bool) -> dict:
+    prof = profile_bundle(path, [(size, size)], repeat=repeat, steps=1, device="cpu", ops=ops).sizes[0]
+    step = prof.components["transformer_step"]
+    return {"median": step.median, "min": step.min, "max": step.max, "rss_gb": prof.peak_rss_mb / 1024,
+            "ops": prof.op_stats}
+
+
+def _row(label: str, size: int, r: dict, flops: float, rate: float) -> str:
+    achieved = flops / r["median"] / 1e9
+    return (f"| {label} | {size} | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {flops / 1e12:.2f} | "
+            f"{achieved:.0f} | {achieved / rate:.0%} | {r['rss_gb']:.1f} |")
+
+
+def speed_table(args, work: Path, rate: float) -> None:
+    print("\n| model | px | step s, median (min-max) | TFLOP | GFLOP/s | of matmul rate | peak RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    ratios = []
+    for weights in args.weights:
+        for size in args.sizes:
+            student = measure(bundle(work, args.layers, weights, False), size, args.repeat, False)
+            fs = step_flops(args.layers, size, teacher=False)
+            print(_row(f"LiT student {args.layers}L {weights}", size, student, fs, rate), flush=True)
+            if args.teacher:
+                teacher = measure(bundle(work, args.layers, weights, True), size, args.repeat, False)
+                ft = step_flops(args.layers, size, teacher=True)
+                print(_row(f"softmax teacher {args.layers}L {weights}", size, teacher, ft, rate), flush=True)
+                ratios.append((weights, size, teacher["median"] / student["median"], ft / fs))
+            for layers in args.student_layers:
+                full = measure(bundle(work, layers, weights, False), size, args.repeat, False)
+                print(_row(f"LiT student {layers}L {weights}", size, full, step_flops(layers, size, teacher=False),
+                           rate), flush=True)
+    if ratios:
+        print("\n| weights | px | teacher / student, measured | FLOP ratio | measured / FLOP ratio |")
+        print("| --- | --- | --- | --- | --- |")
+        for weights, size, measured, flop in ratios:
+            print(f"| {weights} | {size} | {measured:.2f} | {flop:.2f} | {measured / flop:.2f} |")
+
+
+def layer_scan(args, work: Path, rate: float) -> None:
+    for size in args.sizes:
+        steps = {}
+        print(f"\n| student layers ({size} px, fp32) | step s, median (min-max) | of matmul rate | arena MB |")
+        print("| --- | --- | --- | --- |")
+        for layers in args.layer_scan:
+            r = measure(bundle(work, layers, "fp", False), size, args.repeat, True)
+            steps[layers] = r
+            achieved = step_flops(layers, size, teacher=False) / r["median"] / 1e9
+            print(f"| {layers} | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {achieved / rate:.0%} | "
+                  f"{r['ops']['arena_mb']:.0f} |", flush=True)
+        xs = np.array(sorted(steps), dtype=float)
+        ys = np.array([steps[int(x)]["median"] for x in xs])
+        per_layer, fixed = np.polyfit(xs, ys, 1)
+        print(f"\nfit: step = {fixed:.2f} s + {per_layer:.2f} s x layers; per-layer cost of each depth "
+              "(step - fixed) / layers vs the fit:")
+        for x, y in zip(xs, ys):
+            print(f"  {int(x)} layers: {(y - fixed) / x:.2f} s/layer ({(y - fixed) / x / per_layer - 1:+.0%})")
+        print("\nper operator group, deepest run (s per step, share, GFLOP/s of its matmul work):")
+        deepest = steps[int(xs[-1])]["ops"]
+        total = sum(g["seconds"] for g in deepest["groups"].values())
+        for group, g in sorted(deepest["groups"].items(), key=lambda kv: -kv[1]["seconds"]):
+            print(f"  {group:18s} {g['seconds']:7.2f} s  {g['seconds'] / total:5.1%}  {g['gflops']:6.0f} GFLOP/s")
+        print("  top op types: " + ", ".join(f"{op} {s:.2f} s" for op, s in list(deepest["op_types"].items())[:8]))
+        print(f"  kernels {total:.2f} s of the profiled run's {deepest['run_seconds']:.2f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="512,1024,2048", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--weights", default="fp,int4", type=lambda s: s.split(","))
+    parser.add_argument("--layers", type=int, default=4, help="depth of the student/teacher pair")
+    parser.add_argument("--student-layers", default="", type=lambda s: [int(x) for x in s.split(",") if x],
+                        help="extra student depths to time, e.g. 28")
+    parser.add_argument("--layer-scan", default="", type=lambda s: [int(x) for x in s.split(",") if x],
+                        help="student depths for the linearity check with --ops (fp32), e.g. 2,4,6")
+    parser.add_argument("--no-teacher", dest="teacher", action="store_false")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "litedge-xl-speed")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rates = matmul_rates()
+    rate = rates["ort"]
+    print(f"# {cpu_name()}; onnxruntime threads {os.environ.get('LITEDGE_THREADS') or 'all cores'}; "
+          f"matmul 4096^3 fp32: ORT {rates['ort']:.0f} GFLOP/s, torch.mm {rates['torch']:.0f} GFLOP/s "
+          f"(fractions below are of the ORT rate)", flush=True)
+    if args.layer_scan:
+        layer_scan(args, args.work, rate)
+    else:
+        speed_table(args, args.work, rate)
+    rates = matmul_rates()
+    print(f"\n# matmul rate again at the end: ORT {rates['ort']:.0f} GFLOP/s, torch.mm {rates['torch']:.0f} GFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
