@@ -212,14 +212,19 @@ def _external(path):
     return model_files(path)[1:], bool(big) and all(uses_external_data(t) for t in big)
 
 
-def test_large_graph_keeps_external_data_through_every_step_and_runs(student, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("simulate", [True, False], ids=["simulated", "simulator-too-slow"])
+def test_large_graph_keeps_external_data_through_every_step_and_runs(student, tmp_path, capsys, monkeypatch, simulate):
     """A graph past the external-data threshold (lowered here: the tiny model's 0.4 MB count as
-    "over 2 GB") is folded, decomposed, quantized and compiled from external data at every step."""
+    "over 2 GB") is folded, decomposed, quantized and compiled from external data at every step.
+    Where the simulator would take too long (the budget set to 0 here, hours at full size), the
+    context is loaded on it and the QDQ graph's CPU run gives the figures."""
     import onnxruntime.quantization as ortq
 
     from litedge.export import onnx_io, qnn_backend
 
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 64 * 1024)
+    if not simulate:
+        monkeypatch.setattr(qnn_backend, "SIMULATOR_BUDGET_S", 0.0)
     seen = {}
 
     def fold(src, dst, fold=qnn_backend.fold_constants):
@@ -252,10 +257,16 @@ def test_large_graph_keeps_external_data_through_every_step_and_runs(student, tm
     manifest, _ = _check_bundle(model, out, "int8", bound=0.3)  # 4 calibration samples, one check input
     meta = manifest.components["transformer"].meta
     assert meta["quantization"]["calibration"]["plan"] == {"64x64": "large"}
-    assert meta["quantization"]["calibration"]["steps"] == 4 and meta["fidelity"]["buckets"]["64x64"]["steps"] == 1
-    assert meta["fidelity"]["buckets"]["64x64"]["simulator_s"] > 0
-    assert "skipped" in manifest.fidelity["transformer_qdq_cpu"]
+    bucket = meta["fidelity"]["buckets"]["64x64"]
+    assert meta["quantization"]["calibration"]["steps"] == 3 and bucket["steps"] == 1
     assert "on 1 held-out input(s)" in err
+    if simulate:
+        assert bucket["on"] == "qnn-htp-simulator-x86" and bucket["simulator_s"] > 0
+        assert "skipped" in manifest.fidelity["transformer_qdq_cpu"]
+    else:
+        assert bucket["on"] == "qdq-cpu-ep" and bucket["simulator"]["ran"] is False and bucket["cpu_s"] > 0
+        assert bucket["rel_err"] == manifest.fidelity["transformer_qdq_cpu"]["rel_err"]
+        assert "the EPContext loads on the HTP simulator, not run there" in err
     assert not list(tmp_path.glob("**/*.onnx.data"))  # the bundle holds the EPContext graph + QNN binary only
 
 
