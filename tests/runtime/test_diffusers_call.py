@@ -176,3 +176,18 @@ def test_euler_ancestral_batch_image_equals_its_seed_alone(pipe, tmp_path):
     image = pipe(PROMPT, generator=11, scheduler="euler-ancestral", **KW)[0]
     meta = read_metadata(save_png(image, tmp_path / "a.png"))
     assert meta["sampler"] == "Euler a" and meta["scheduler"] == "euler-ancestral" and meta["seed"] == 11
+
+
+@pytest.mark.parametrize("name, sampler", [("euler", "Euler"), ("unipc", "UniPC")])
+def test_lit_generate_takes_the_new_schedulers(pixart_bundle, tmp_path, capsys, name, sampler):
+    from PIL import Image
+
+    from litedge.cli.generate import main
+
+    out = tmp_path / "a.png"
+    code = main(["a cat", "--bundle", str(pixart_bundle), "--scheduler", name, "--steps", "2", "--size", "64",
+                 "--quiet", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as png:
+        assert f"Sampler: {sampler}," in png.info["parameters"]
+    assert read_metadata(out)["scheduler"] == name
