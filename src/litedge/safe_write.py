@@ -99,7 +99,7 @@ def check_target(path: StrPath, what: str = "output") -> Path:
     shown = os.fspath(path)
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # missing, or a file where a folder should be
         mode = None
     except OSError as e:
         raise LitedgeError(f"{shown}: cannot check the {what} path ({e.strerror}); choose another path") from None
