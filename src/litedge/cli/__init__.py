@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import sys
 import warnings
@@ -110,23 +111,26 @@ def log_level(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_library(name: str) -> Iterator[None]:
-    """Silence one library's own logging and progress bars (it is imported here: torch-side only)."""
+def _library_output(name: str, quiet: bool) -> Iterator[None]:
+    """One library's own logging and progress bars: errors only and no bars (``quiet``), or
+    warnings and bars (``-v``). Imported here, so used by torch-side commands only; restored on exit."""
     try:
-        module = __import__(f"{name}.utils.logging", fromlist=["logging"])
+        module = importlib.import_module(f"{name}.utils.logging")
     except ImportError:
         yield
         return
-    verbosity = module.get_verbosity()
-    bars = module.is_progress_bar_enabled()
-    module.set_verbosity_error()
-    module.disable_progress_bar()
+    verbosity, bars = module.get_verbosity(), module.is_progress_bar_enabled()
+    if quiet:
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+    else:
+        module.set_verbosity(min(verbosity, logging.WARNING))
+        module.enable_progress_bar()
     try:
         yield
     finally:
         module.set_verbosity(verbosity)
-        if bars:
-            module.enable_progress_bar()
+        (module.enable_progress_bar if bars else module.disable_progress_bar)()
 
 
 @contextlib.contextmanager
@@ -153,8 +157,8 @@ def command_logging(prog: str, args: argparse.Namespace, third_party: Sequence[s
             stack.enter_context(warnings.catch_warnings())
             if not verbose:
                 warnings.simplefilter("ignore")
-                for name in third_party:
-                    stack.enter_context(_quiet_library(name))
+            for name in third_party:
+                stack.enter_context(_library_output(name, quiet=not verbose))
             yield logger
     finally:
         logger.removeHandler(handler)
