@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from litedge.cli import add_common_args, run_command
+from litedge.cli import add_common_args, log_level, run_command
 from litedge.demo import DEMO_BUNDLE
 from litedge.errors import LitedgeError
 
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     logger = logging.getLogger("litedge")
     level = logger.level
     handler = _log_to_stderr(args.quiet)
+    logger.setLevel(log_level(args))  # litedge.cli's levels: -q warnings, -v debug, else info
     try:
         return run_command("lit-generate", body)
     finally:
