@@ -191,3 +191,10 @@ def test_lit_generate_takes_the_new_schedulers(pixart_bundle, tmp_path, capsys, 
     with Image.open(out) as png:
         assert f"Sampler: {sampler}," in png.info["parameters"]
     assert read_metadata(out)["scheduler"] == name
+
+
+def test_every_prompt_of_a_list_is_checked(pipe):
+    with pytest.raises(LitedgeError, match="a prompt of the list is not valid UTF-8"):
+        pipe(prompt=[PROMPT, "bad \udcff"], num_inference_steps=1, progress=False)
+    with pytest.raises(LitedgeError, match="a prompt of the list is not valid UTF-8"):
+        pipe(prompt=[PROMPT, OTHER], negative_prompt=["", "\udcff"], num_inference_steps=1, progress=False)

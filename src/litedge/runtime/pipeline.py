@@ -57,7 +57,7 @@ from litedge.runtime.conditioning import CONDITIONERS, Conditioner, TextConditio
 from litedge.runtime.conditioning import is_int as _is_int
 from litedge.runtime.devices import Device, resolve_device
 from litedge.runtime.image import to_pil
-from litedge.runtime.memory import check_request
+from litedge.runtime.memory import check_request, check_text
 from litedge.runtime.schedulers import Scheduler, scheduler_from_config, split_learned_sigma
 from litedge.runtime.session import ComponentSession
 from litedge.runtime.vae import OVERLAP, TILE, decode_latents
@@ -252,6 +252,9 @@ class Pipeline:
         seeds = _seed_list(generator, len(prompts))
         for text in dict.fromkeys(prompts):
             self.conditioner.check(text, class_id, null_caption)
+        for text in dict.fromkeys(prompts + negatives):  # image 0's are checked with the request below
+            if text not in (prompts[0], negatives[0]):
+                check_text("a prompt of the list", text)
         req = Request(prompts[0], negatives[0], int(height), int(width), int(steps), float(guidance_scale),
                       seeds[0], len(prompts), scheduler or self.manifest.scheduler.get("type", "dpmsolver++"),
                       class_id, null_caption, tuple(prompts), tuple(negatives), seeds)
