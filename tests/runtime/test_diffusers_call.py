@@ -198,3 +198,14 @@ def test_every_prompt_of_a_list_is_checked(pipe):
         pipe(prompt=[PROMPT, "bad \udcff"], num_inference_steps=1, progress=False)
     with pytest.raises(LitedgeError, match="a prompt of the list is not valid UTF-8"):
         pipe(prompt=[PROMPT, OTHER], negative_prompt=["", "\udcff"], num_inference_steps=1, progress=False)
+
+
+def test_a_long_prompt_list_runs_the_text_encoder_once(pixart_bundle, monkeypatch):
+    """Twelve different prompts (more than the encoding cache keeps between calls): one encoder run."""
+    pipe = Pipeline.from_bundle(pixart_bundle, device="cpu")
+    runs = []
+    original = pipe.conditioner.encode
+    monkeypatch.setattr(pipe.conditioner, "encode", lambda texts: runs.append(len(texts)) or original(texts))
+    prompts = [f"{a} {b}" for a in ("a red", "a blue", "the") for b in ("cat", "dog", "fox", "photo")]
+    out = pipe(prompt=prompts, num_inference_steps=1, height=32, width=32, output_type="latent", progress=False)
+    assert runs == [13] and out.latents.shape[0] == 12  # 12 prompts and the empty negative prompt

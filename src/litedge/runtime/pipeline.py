@@ -147,6 +147,7 @@ class Pipeline:
         self.vae_tile, self.vae_overlap = TILE, OVERLAP  # latent pixels; vae_tile = 0 never tiles
         self._sessions: dict[str, ComponentSession] = {}
         self._text_cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._text_keep = 0  # encodings the current call still needs (never evicted before it ends)
         self._interrupt = False
         needed = ["transformer", "vae_decoder", *self.conditioner.required]
         missing = [n for n in needed if n not in manifest.components]
@@ -301,7 +302,7 @@ class Pipeline:
                 self._text_cache[text] = {name: value[i:i + 1] for name, value in encoded.items()}
         for text in texts:
             self._text_cache.move_to_end(text)
-        while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(texts)):
+        while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(texts), self._text_keep):
             self._text_cache.popitem(last=False)
         rows = [self._text_cache[t] for t in texts]
         return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
@@ -315,8 +316,13 @@ class Pipeline:
         if len(groups) == 1:
             return self.conditioner(groups[0])
         if isinstance(self.conditioner, TextConditioner):
-            self.encode_text(list(dict.fromkeys(t for g in groups for t in self.conditioner.texts(g))))
-        parts = [self.conditioner(g) for g in groups]  # name -> (2b | b, ...) each
+            texts = list(dict.fromkeys(t for g in groups for t in self.conditioner.texts(g)))
+            self.encode_text(texts)  # one run of each text encoder, then every group from the cache
+            self._text_keep = len(texts)
+        try:
+            parts = [self.conditioner(g) for g in groups]  # name -> (2b | b, ...) each
+        finally:
+            self._text_keep = 0
         halves = 2 if req.guidance_scale != 1.0 else 1
         return {name: np.concatenate([np.split(part[name], halves)[h] for h in range(halves) for part in parts])
                 for name in parts[0]}
