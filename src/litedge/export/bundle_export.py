@@ -181,20 +181,9 @@ def _text_encoder_slots(loaded) -> list[TextEncoderSlot]:
 
 def _open_text_encoder(loaded, slot: TextEncoderSlot):
     """A text encoder as a skeleton (its config) and its lazily read safetensors weights."""
-    import transformers
+    from litedge.models.loading import open_text_encoder
 
-    from litedge.models.weights import SafetensorsWeights, empty_weights, placeholder_parameters
-
-    folder = _pipeline_part(loaded, slot.name)
-    cls = getattr(transformers, slot.cls)
-    weights = SafetensorsWeights(folder)
-    try:
-        config = cls.config_class.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise LitedgeError(f"{folder}/config.json: not a {slot.cls} config ({exc})") from None
-    with empty_weights():
-        encoder = cls(config)
-    return placeholder_parameters(encoder).eval(), weights
+    return open_text_encoder(_pipeline_part(loaded, slot.name), slot.cls)
 
 
 def _copy_tokenizer(loaded, writer: BundleWriter, slot: TextEncoderSlot) -> dict:

@@ -142,7 +142,8 @@ def _trace(wrapper, spec, trace, opset, dynamic, rewrite, path: Path) -> onnx.Mo
 
 def _weight_inputs(wrapper: nn.Module, graph: onnx.GraphProto, spec: ComponentSpec, source: WeightSource,
                    key_of: KeyOf, component: str):
-    """Graph inputs that are weights -> functions reading them; their shapes; derived buffers."""
+    """Graph inputs that are weights -> functions reading them; their shapes; buffers the reference must set
+    (computed from a parameter, or stored in the checkpoint)."""
     params = dict(wrapper.named_parameters())
     aliases = parameter_aliases(wrapper)
     buffers = dict(wrapper.named_buffers())
@@ -177,6 +178,8 @@ def _weight_inputs(wrapper: nn.Module, graph: onnx.GraphProto, spec: ComponentSp
             value = buffers[name].detach()
             thunks[name] = (lambda key=key, value=value: (source.get(key) if key else value).numpy())
             shapes[name] = tuple(value.shape)
+            if key is not None:  # a stored buffer (SD3's position table): the reference reads the checkpoint's too
+                derived_values[name] = (lambda key=key: source.get(key))
         else:
             raise LitedgeError(f"{component}: traced graph reads {name!r}, which is neither an input nor a weight")
     return thunks, shapes, derived_values

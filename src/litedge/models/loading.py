@@ -125,6 +125,22 @@ def open_transformer(directory: str | os.PathLike) -> tuple[nn.Module, Safetenso
     return placeholder_parameters(model).eval(), weights
 
 
+def open_text_encoder(folder: str | os.PathLike, class_name: str) -> tuple[nn.Module, SafetensorsWeights]:
+    """A transformers text encoder folder (T5EncoderModel, CLIPTextModelWithProjection) as a skeleton + lazy weights."""
+    import transformers
+
+    folder = Path(folder)
+    cls = getattr(transformers, class_name)
+    weights = SafetensorsWeights(folder)
+    try:
+        config = cls.config_class.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise LitedgeError(f"{folder}/config.json: not a {class_name} config ({exc})") from None
+    with empty_weights():
+        encoder = cls(config)
+    return placeholder_parameters(encoder).eval(), weights
+
+
 def open_model(source: str | os.PathLike, **kwargs) -> LoadedModel:
     """Like :func:`load_model`, but a directory's transformer is a skeleton with ``weights`` to stream from.
 
