@@ -26,6 +26,8 @@ from litedge.atomic import clean_dead_temps, recover_interrupted
 from litedge.bundle import MAX_TEXT_LENGTH
 from litedge.errors import LitedgeError
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def _finite(name: str, value: Any, low: float = 0.0, *, strict: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
@@ -54,6 +56,9 @@ def check_device(device: str | None) -> None:
 def check_config(cfg: Any) -> None:
     """What a DistillConfig's fields must hold beyond their own checks (see the module doc)."""
     _finite("--lr", cfg.lr, strict=True)
+    if cfg.lr > FLOAT32_MAX:  # torch's AdamW cannot even hold it (RuntimeError: overflow)
+        raise LitedgeError(f"--lr {cfg.lr!r}: expected a learning rate a float32 can hold (<= {FLOAT32_MAX:.3g}); "
+                           "1e-4 is usual")
     _finite("--weight-decay", cfg.weight_decay)
     for name, value in (("--task-weight", cfg.task_weight), ("--lambda-noise", cfg.lambda_noise),
                         ("--lambda-var", cfg.lambda_var), ("--feature-weight", cfg.feature_weight)):

@@ -112,6 +112,9 @@ def build_from_config(config: dict) -> nn.Module:
     """
     import diffusers
 
+    if not isinstance(config, dict):  # a config.json holding a list or a number (issue 17)
+        raise LitedgeError(f"a transformer config must be a JSON object of settings, got {type(config).__name__}; "
+                           "fix or re-download its config.json")
     config = dict(config)
     class_name = config.pop("_class_name", None)
     new_lin = config.pop(STUDENT_CONFIG_KEY, None)
