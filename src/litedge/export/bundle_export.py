@@ -94,10 +94,19 @@ def _load(cfg: ExportConfig, workdir: Path):
         stage(f"building a random-weight {cfg.config_name} pipeline (bf16 shards, as real checkpoints are stored)")
         loaded = open_model(build_random_pipeline(cfg.config_name, workdir / "random-pipeline"))
         loaded.source = cfg.config_name
-        return loaded
-    if cfg.source is None:
+        if cfg.teacher:  # the config's softmax teacher in place of its student (random, in memory)
+            from litedge.models.configs import build_model
+
+            loaded.transformer, loaded.weights, loaded.linear = build_model(cfg.config_name, teacher=True), None, None
+    elif cfg.source is None:
         raise LitedgeError("nothing to export: give a SOURCE, or --config NAME --random-weights")
-    return open_model(cfg.source)
+    else:
+        loaded = open_model(cfg.source)
+    if cfg.teacher:
+        from litedge.export.rewrites import teacher_for_export
+
+        teacher_for_export(loaded)
+    return loaded
 
 
 def _component(backend, name: str, module, weights, key_of=None):
