@@ -228,3 +228,13 @@ def test_lit_generate_help_lists_every_scheduler():
     for name in {cls.short_name for cls in SCHEDULERS.values()}:
         assert name in text, name
     assert "flow-euler (flow matching" in text
+
+
+def test_lit_info_is_torch_free(pixart_bundle):
+    code = ("import sys\n"
+            "for m in ('torch', 'diffusers', 'transformers', 'onnx'): sys.modules[m] = None\n"
+            "from litedge.cli.info import main\n"
+            f"assert main([{str(pixart_bundle)!r}, '--json']) == 0\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["target"]["name"] == "cpu"
