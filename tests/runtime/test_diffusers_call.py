@@ -209,3 +209,20 @@ def test_a_long_prompt_list_runs_the_text_encoder_once(pixart_bundle, monkeypatc
     prompts = [f"{a} {b}" for a in ("a red", "a blue", "the") for b in ("cat", "dog", "fox", "photo")]
     out = pipe(prompt=prompts, num_inference_steps=1, height=32, width=32, output_type="latent", progress=False)
     assert runs == [13] and out.latents.shape[0] == 12  # 12 prompts and the empty negative prompt
+
+
+def test_per_image_seeds_for_a_class_conditional_bundle(dit_bundle):
+    dit = Pipeline.from_bundle(dit_bundle, device="cpu")
+    kw = dict(class_id=207, num_inference_steps=2, output_type="np", progress=False)
+    out = dit(num_images_per_prompt=2, generator=[1, 2], **kw)
+    np.testing.assert_allclose(out.images[1], dit(generator=2, **kw).images[0], atol=1e-4)
+
+
+def test_sd3_prompt_list_with_pooled_projections(mmedit_bundle):
+    """MM-EDiT: per-prompt CLIP pooled embeddings and joint states go with their own image."""
+    sd3 = Pipeline.from_bundle(mmedit_bundle, device="cpu")
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np", progress=False)
+    out = sd3(prompt=["a red fox", "a blue cat"], negative_prompt=["", "a dog"], generator=[4, 5], **kw)
+    np.testing.assert_allclose(out.images[1], sd3("a blue cat", negative_prompt="a dog", generator=5, **kw).images[0],
+                               atol=1e-4)
+    np.testing.assert_allclose(out.images[0], sd3("a red fox", generator=4, **kw).images[0], atol=1e-4)
