@@ -148,3 +148,38 @@ def test_fp_and_int4_sizes_and_weights_shared_across_functions(tmp_path):
     print("weight.bin bytes:", sizes)
     assert sizes["fp", "64,128"] < 1.2 * sizes["fp", "64"]
     assert sizes["int4", "64,128"] < 0.6 * sizes["fp", "64,128"]
+
+
+def test_transformer_weights_are_released_after_the_last_trace_before_compression(tmp_path, monkeypatch):
+    """At full size the PyTorch weights (2.4 GB for LiT-T2I-XL) must not sit beside the Core ML
+    program while it is compressed and saved: released after the last bucket's conversion."""
+    from litedge.export import coreml_backend
+
+    events = []
+
+    def convert(wrapper, size, convert=coreml_backend.convert_bucket, **kw):
+        events.append(("convert", size.height, next(wrapper.parameters()).device.type))
+        return convert(wrapper, size, **kw)
+
+    def release(model, release=coreml_backend._release_weights):
+        release(model)
+        events.append(("release", {p.device.type for p in model.parameters()}))
+
+    def compress(model, keep_fp=(), compress=coreml_backend.compress_int4):
+        events.append(("compress",))
+        return compress(model, keep_fp)
+
+    monkeypatch.setattr(coreml_backend, "convert_bucket", convert)
+    monkeypatch.setattr(coreml_backend, "_release_weights", release)
+    monkeypatch.setattr(coreml_backend, "compress_int4", compress)
+    student = tmp_path / "student"
+    save_transformer(randomize(build_model("tiny-LiT-T2I-XL"), seed=2), student)
+    out = tmp_path / "m.litedge"
+    code, err = _export([student, "--target", "coreml", "--sizes", "64,128", "-o", out])
+    assert code == 0, err
+    assert events == [("convert", 8, "cpu"), ("compress",), ("convert", 16, "cpu"), ("release", {"meta"}),
+                      ("compress",)]
+    fn = verify_bundle(out).components["transformer"].meta["functions"]
+    assert fn == FUNCTIONS
+    for function in FUNCTIONS.values():
+        assert summarize_program(_load(out / "transformer.mlpackage", function)._spec, function).int4_weights

@@ -346,6 +346,15 @@ def save_functions(models: dict[str, object], out: Path, default: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _release_weights(model: nn.Module) -> None:
+    """Free a module's PyTorch weights: moved to the meta device (config and module tree kept).
+
+    export_bundle reads only the transformer's config after it is exported.
+    """
+    model.to("meta")
+    gc.collect()
+
+
 def _size_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -369,8 +378,9 @@ class CoreMLBackend(Backend):
         sizes = {b: SampleSize(TRANSFORMER_BATCH, *b.latent, self.text_length) for b in self.buckets}
         stage(f"transformer ({type(model).__name__}): trace + convert to Core ML per bucket "
               f"({', '.join(b.key for b in self.buckets)})")
+        # Its weights are released after the last trace (2.4 GB for LiT-T2I-XL), before compression.
         self._export("transformer", wrapper, sizes, quantize=self.options.weights == "int4", fp32=False,
-                     fp32_ops=FP32_OPS, writer=writer, meta=wrapper.metadata())
+                     fp32_ops=FP32_OPS, writer=writer, meta=wrapper.metadata(), release=model)
 
     def vae_decoder(self, vae: nn.Module, writer: BundleWriter) -> None:
         wrapper = VaeDecoderWrapper(vae)
@@ -398,27 +408,36 @@ class CoreMLBackend(Backend):
     # ------------------------------------------------------------------ shared steps
 
     def _convert(self, name: str, wrapper: nn.Module, sizes: dict[Bucket, SampleSize], *, quantize: bool,
-                 fp32: bool, fp32_ops: frozenset[str], function: str | None) -> tuple[dict, list, ComponentSpec, dict]:
-        """Per bucket: trace, convert, compress, check ranks. Returns models, trace checks, spec, summaries."""
+                 fp32: bool, fp32_ops: frozenset[str], function: str | None,
+                 release: nn.Module | None = None) -> tuple[dict, list, ComponentSpec, dict]:
+        """Per bucket: trace, convert, compress, check ranks. Returns models, trace checks, spec, summaries.
+
+        ``release``: a module whose weights are freed (:func:`_release_weights`) once the last
+        bucket is converted; the converted programs hold their own copy of them.
+        """
         models, checks, fixed, summaries = {}, [], None, {}
-        for bucket, size in sizes.items():
+        for i, (bucket, size) in enumerate(sizes.items()):
             fn = function or bucket.function
             converted = convert_bucket(wrapper, size, fp32=fp32, fp32_ops=fp32_ops,
                                        keep_symbolic=_BUCKET_DIMS if function is None else ())
+            if release is not None and i == len(sizes) - 1:
+                _release_weights(release)
             model = compress_int4(converted.model, self.options.keep_fp) if quantize else converted.model
             summaries[fn] = _check_ranks(model._spec, "main", name)
             models[fn], fixed = model, converted.fixed
             checks.append({"function": fn, **converted.trace_check})
+            del converted  # the uncompressed program, when compressed
+            gc.collect()
         return models, checks, fixed, summaries
 
     def _export(self, name: str, wrapper: nn.Module, sizes: dict[Bucket, SampleSize], *, quantize: bool, fp32: bool,
                 writer: BundleWriter, meta: dict, fp32_ops: frozenset[str] = frozenset(),
-                function: str | None = None, optional: bool = False) -> None:
+                function: str | None = None, optional: bool = False, release: nn.Module | None = None) -> None:
         start = time.perf_counter()
         path = writer.path / f"{name}.mlpackage"
         try:
             models, checks, fixed, summaries = self._convert(name, wrapper, sizes, quantize=quantize, fp32=fp32,
-                                                             fp32_ops=fp32_ops, function=function)
+                                                             fp32_ops=fp32_ops, function=function, release=release)
             default = next(iter(models))
             save_functions(models, path, default)
         except Exception as exc:  # optional: a coremltools gap must not lose the other components
