@@ -471,14 +471,16 @@ class Pipeline:
         noise = self.initial_latents(req, latents, gens)
         sched.generator = gens  # a stochastic scheduler's step noise continues each image's generator
         cond = self._conditioning(req)
-        self.release("text_encoder")
+        self.release(*[n for n in self.manifest.components if n.startswith("text_encoder")])  # SD3 has three
         self.interrupt = False
         try:
             final = self.denoise(noise, cond, sched, req.guidance_scale, progress, callback_on_step_end)
+            interrupted, self.interrupt = self.interrupt, False  # the flag does not outlive its call
             if self.low_memory:
                 self.release("transformer")
             decoded = None if output_type == "latent" else self.decode(final)
         finally:
+            self.interrupt = False
             if self.low_memory:
                 self.release()
         if output_type == "latent":
@@ -486,10 +488,10 @@ class Pipeline:
         elif output_type == "np":
             images = np.clip(decoded.transpose(0, 2, 3, 1) / 2 + 0.5, 0.0, 1.0).astype(np.float32)  # (B, H, W, 3)
         else:
-            images = to_pil(decoded, self._metadata(req, sched, given_latents=latents is not None))
+            images = to_pil(decoded, self._metadata(req, sched, latents is not None, interrupted))
         return PipelineOutput(images, final) if return_dict else (images,)
 
-    def _metadata(self, req: Request, sched: Scheduler, given_latents: bool) -> list[dict]:
+    def _metadata(self, req: Request, sched: Scheduler, given_latents: bool, interrupted: bool) -> list[dict]:
         """One settings dict per image (its own prompt, negative prompt and seed; ``index`` in the batch)."""
         skip = ("null_caption", "prompts", "negative_prompts", "seeds")
         base = {k: v for k, v in asdict(req).items() if v is not None and k not in skip}
@@ -497,7 +499,7 @@ class Pipeline:
                     sampler=sched.sampler_name)
         if given_latents:
             base["latents"] = "given"
-        if self.interrupt:
+        if interrupted:
             base["interrupted"] = True
         out = []
         for i in range(req.batch):
