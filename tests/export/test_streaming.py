@@ -188,6 +188,15 @@ def test_random_weights_bundle_is_complete_and_generates_an_image(name, tmp_path
     assert generate_main(["a red circle", "--bundle", str(bundle), "--size", "64", "--steps", "2", "-o", str(png)]) == 0
     assert Image.open(png).size == (64, 64)
 
+    # Every text encoder (SD3 has three) is released before the first denoising step.
+    from litedge.runtime import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle)
+    open_during_steps = []
+    pipe(prompt="a red circle", num_inference_steps=2, height=64, width=64,
+         callback_on_step_end=lambda p, i, t, kw: (open_during_steps.append(sorted(p._sessions)), {})[1])
+    assert open_during_steps and all(not any(k.startswith("text_encoder") for k in keys) for keys in open_during_steps)
+
 
 def test_text_encoder_weights_override(tmp_path, capsys):
     bundle = tmp_path / "o.litedge"
