@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
+import tempfile
 from pathlib import Path
+
+from litedge.safe_write import write_bytes
 
 log = logging.getLogger("litedge.distill")
 
@@ -35,9 +37,11 @@ class LossLog:
         self.rows.append(row)
 
     def _replace(self, name: str, write) -> None:
-        tmp = self.run_dir / f".{name}.tmp-{os.getpid()}"
-        write(tmp)
-        os.replace(tmp, self.run_dir / name)
+        # rendered in a private folder, then litedge.safe_write: O_EXCL temp, never through a planted link
+        with tempfile.TemporaryDirectory(prefix=f".{name}.render-", dir=self.run_dir) as private:
+            rendered = Path(private) / name
+            write(rendered)
+            write_bytes(self.run_dir / name, rendered.read_bytes(), what="loss log")
 
     def write(self, plot: bool = True) -> None:
         if not self.rows:
