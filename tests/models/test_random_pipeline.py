@@ -294,3 +294,15 @@ def test_full_size_lit_student_is_finite(tmp_path):
     with torch.no_grad():
         y = loaded.transformer(**_inputs(loaded, 32, 32)).sample
     assert torch.isfinite(y).all() and 0.01 < y.std() < 100
+
+
+def test_full_size_parts_have_the_published_sizes():
+    """Counted on the meta device: T5-v1.1-XXL's encoder is 4.76 B parameters, CLIP-L's text tower 124 M,
+    CLIP-G's 695 M, the SDXL / SD3 VAEs 84 M."""
+    from litedge.models.random_pipeline import parameter_count
+
+    pixart = parameter_count("LiT-T2I-XL", transformer=False)
+    sd3 = parameter_count("MM-EDiT-SD3.5-Medium", transformer=False)
+    assert abs(pixart["text_encoder"] - 4.762e9) < 0.005e9 and sd3["text_encoder_3"] == pixart["text_encoder"]
+    assert abs(sd3["text_encoder"] - 123.7e6) < 1e6 and abs(sd3["text_encoder_2"] - 694.7e6) < 1e6
+    assert abs(pixart["vae"] - 83.65e6) < 0.5e6 and abs(sd3["vae"] - 83.65e6) < 0.5e6
