@@ -38,8 +38,9 @@ the quantization error, not HTP's own arithmetic. The manifest says which
 The timestep sinusoid stays in the graph: with uint16 activations it is as accurate as
 feeding the features (fp16 HTP is what loses it, docs/design.md). ``--hub DEVICE`` also compiles
 and profiles each bucket's QDQ graph on Qualcomm AI Hub (:mod:`litedge.export.qai_hub`).
-The VAE decoder and text encoder are exported as fp32 ONNX for the CPU EP
-(``meta["providers"]``), not for HTP yet.
+The VAE decoder and text encoders are exported by the cpu target's (streamed) exporter for
+the CPU EP (``meta["providers"]``; fp32 compute, text encoder weights as ``--text-encoder-weights``
+or ``--weights``), not for HTP yet.
 """
 
 from __future__ import annotations
