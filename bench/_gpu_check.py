@@ -23,28 +23,29 @@ import numpy as np
 PARITY = 0.05  # fp16 on CUDA vs the same graph on the CPU EP (which computes most fp16 ops in fp32)
 
 
-def _bundles(work: Path, dry_run: bool) -> dict[str, Path]:
-    names = {"tiny student": "tiny-student", "tiny teacher": "tiny-teacher"}
+def _pairs(dry_run: bool) -> dict[str, tuple[str, int, bool]]:
+    """label -> (config name, layers, teacher)."""
+    pairs = {"tiny student": ("tiny-LiT-T2I-XL", 2, False), "tiny teacher": ("tiny-LiT-T2I-XL", 2, True)}
     if not dry_run:
-        names.update({"XL 4L student": "xl4-student", "XL 4L teacher": "xl4-teacher"})
-    return {label: work / f"{stem}.litedge" for label, stem in names.items()}
+        pairs.update({"XL 4L student": ("", 4, False), "XL 4L teacher": ("", 4, True)})
+    return pairs
+
+
+def _bundles(work: Path, dry_run: bool) -> dict[str, Path]:
+    """Export (once) each cuda bundle, transformer only (bench/xl_speed.py's sources)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from xl_speed import bundle  # noqa: E402
+
+    out = {}
+    for label, (name, layers, teacher) in _pairs(dry_run).items():
+        start = time.perf_counter()
+        out[label] = bundle(work, layers, "fp", teacher, target="cuda", name=name or None)
+        print(f"exported {label} for cuda ({time.perf_counter() - start:.0f} s): {out[label].name}", flush=True)
+    return out
 
 
 def export(work: Path, dry_run: bool) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from xl_speed import register  # noqa: E402
-
-    from litedge.export.bundle_export import ExportConfig, export_bundle
-
-    configs = {"tiny student": ("tiny-LiT-T2I-XL", False), "tiny teacher": ("tiny-LiT-T2I-XL", True)}
-    if not dry_run:
-        configs.update({"XL 4L student": (register(4), False), "XL 4L teacher": (register(4), True)})
-    for label, out in _bundles(work, dry_run).items():
-        name, teacher = configs[label]
-        start = time.perf_counter()
-        export_bundle(ExportConfig(out=out, config_name=name, target="cuda", weights="fp", teacher=teacher,
-                                   text_max_length=300 if name.startswith("LiT-T2I-XL") else None, force=True))
-        print(f"exported {label} for cuda in {time.perf_counter() - start:.0f} s: {out.name}", flush=True)
+    _bundles(work, dry_run)
 
 
 def check(work: Path, dry_run: bool) -> int:
@@ -61,7 +62,8 @@ def check(work: Path, dry_run: bool) -> int:
         print(f"no CUDA EP: onnxruntime has {ort.get_available_providers()}; install onnxruntime-gpu", flush=True)
         return 1
     failed = 0
-    for label, path in _bundles(work, dry_run).items():
+    bundles = _bundles(work, dry_run)
+    for label, path in bundles.items():
         manifest = verify_bundle(path)
         comp = manifest.components["transformer"]
         latent = 16 if dry_run else 64
@@ -78,7 +80,6 @@ def check(work: Path, dry_run: bool) -> int:
         cpu.close()
     sizes = [(64, 64), (128, 128)] if dry_run else [(1024, 1024), (2048, 2048)]
     pairs = [("tiny student", "tiny teacher")] + ([] if dry_run else [("XL 4L student", "XL 4L teacher")])
-    bundles = _bundles(work, dry_run)
     for student, teacher in pairs:
         for size in sizes:
             times = {}

@@ -111,13 +111,27 @@ def register(layers: int) -> str:
     return name
 
 
-def bundle(work: Path, layers: int, weights: str, teacher: bool) -> Path:
-    """Export (once; reused from ``work``) the student or teacher bundle, cpu target."""
-    out = work / f"xl{layers}-{'teacher' if teacher else 'student'}-{weights}.litedge"
+def transformer_source(work: Path, name: str, teacher: bool) -> Path:
+    """A transformer-only source directory (random fp32 weights) of config ``name``: student or
+    softmax teacher. Transformer only: ``--config --random-weights`` would build the whole
+    pipeline (T5-XXL, VAE), which a step timing does not need."""
+    from litedge.models.student import save_transformer
+
+    out = work / f"{name}-{'teacher' if teacher else 'student'}-src"
+    if not (out / "config.json").is_file():
+        save_transformer(configs.build_model(name, teacher=teacher), out, force=True)
+    return out
+
+
+def bundle(work: Path, layers: int, weights: str, teacher: bool, *, target: str = "cpu", name: str | None = None) -> Path:
+    """Export (once; reused from ``work``) the student or teacher bundle of the ``layers``-deep
+    XL config (or of config ``name``), transformer only."""
+    name = name or register(layers)
+    out = work / f"{name}-{'teacher' if teacher else 'student'}-{weights}-{target}.litedge"
     if not (out / "manifest.json").is_file():
         start = time.perf_counter()
-        export_bundle(ExportConfig(out=out, config_name=register(layers), target="cpu", weights=weights,
-                                   teacher=teacher, text_max_length=TEXT, force=True))
+        export_bundle(ExportConfig(out=out, source=transformer_source(work, name, teacher), target=target,
+                                   weights=weights, teacher=teacher, text_max_length=TEXT, force=True))
         print(f"# exported {out.name} in {time.perf_counter() - start:.0f} s", flush=True)
     return out
 
@@ -187,6 +201,43 @@ def layer_scan(args, work: Path, rate: float) -> None:
         print(f"  kernels {total:.2f} s of the profiled run's {deepest['run_seconds']:.2f} s")
 
 
+def fusion_ab(args, work: Path, rate: float) -> None:
+    """The fp32 student graph vs the same graph with onnxruntime's transformer fusions
+    (:func:`litedge.export.fp16_backend.fuse_fp32`, the CPU-runnable set), interleaved runs
+    in one process, and their difference (fp32 parity must stay < 1e-4)."""
+    import onnx
+    import onnxruntime as ort
+
+    from litedge.bundle import verify_bundle
+    from litedge.export.fp16_backend import fuse_fp32, fused_op_counts
+    from litedge.profile.inputs import synthetic_feed
+    from litedge.runtime.devices import DEVICES
+    from litedge.runtime.session import session_options
+
+    path = bundle(work, args.layers, "fp", False)
+    comp = verify_bundle(path).components["transformer"]
+    fused_path = work / f"xl{args.layers}-student-fp-fused.onnx"
+    if not fused_path.is_file():
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path / comp.file)))
+        fused = fuse_fp32(model, "transformer")
+        print(f"# fusions: {fused_op_counts(fused)}")
+        onnx.save(fused, str(fused_path))
+        del model, fused
+    sessions = {name: ort.InferenceSession(str(p), session_options(DEVICES["cpu"]), providers=["CPUExecutionProvider"])
+                for name, p in (("plain", path / comp.file), ("fused", fused_path))}
+    for size in args.sizes:
+        feed = synthetic_feed(comp, {"batch": BATCH, "height": size // 8, "width": size // 8, "text_length": TEXT})
+        outs = {name: s.run(None, feed)[0] for name, s in sessions.items()}  # warm-up
+        rel = float(np.abs(outs["fused"] - outs["plain"]).max() / np.abs(outs["plain"]).max())
+        times: dict[str, list[float]] = {"plain": [], "fused": []}
+        for _ in range(args.repeat):
+            for name, s in sessions.items():
+                times[name].append(_seconds(lambda: s.run(None, feed)))
+        plain, fused = (float(np.median(times[k])) for k in ("plain", "fused"))
+        print(f"| {args.layers}L student fp32, {size} px | plain {plain:.2f} s | fused {fused:.2f} s | "
+              f"fused / plain {fused / plain:.3f} | rel err {rel:.1e} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="512,1024,2048", type=lambda s: [int(x) for x in s.split(",")])
@@ -197,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-scan", default="", type=lambda s: [int(x) for x in s.split(",") if x],
                         help="student depths for the linearity check with --ops (fp32), e.g. 2,4,6")
     parser.add_argument("--no-teacher", dest="teacher", action="store_false")
+    parser.add_argument("--fusion-ab", action="store_true",
+                        help="time the fp32 student graph with and without onnxruntime's transformer fusions")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "litedge-xl-speed")
     args = parser.parse_args(argv)
@@ -205,13 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     rate = rates["ort"]
     print(f"# {cpu_name()}; onnxruntime threads {os.environ.get('LITEDGE_THREADS') or 'all cores'}; "
           f"matmul 4096^3 fp32: ORT {rates['ort']:.0f} GFLOP/s, torch.mm {rates['torch']:.0f} GFLOP/s "
-          f"(fractions below are of the ORT rate)", flush=True)
-    if args.layer_scan:
+          f"(fractions below are of the ORT rate); load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.fusion_ab:
+        fusion_ab(args, args.work, rate)
+    elif args.layer_scan:
         layer_scan(args, args.work, rate)
     else:
         speed_table(args, args.work, rate)
     rates = matmul_rates()
-    print(f"\n# matmul rate again at the end: ORT {rates['ort']:.0f} GFLOP/s, torch.mm {rates['torch']:.0f} GFLOP/s")
+    print(f"\n# matmul rate again at the end: ORT {rates['ort']:.0f} GFLOP/s, torch.mm {rates['torch']:.0f} GFLOP/s; "
+          f"load average {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -105,7 +105,7 @@ def _load(cfg: ExportConfig, workdir: Path):
     if cfg.teacher:
         from litedge.export.rewrites import teacher_for_export
 
-        teacher_for_export(loaded)
+        teacher_for_export(loaded, bounded=cfg.target == "cpu")
     return loaded
 
 

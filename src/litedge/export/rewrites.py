@@ -246,11 +246,13 @@ def bounded_attention(model: nn.Module, budget: int = DEFAULT_SCORE_BUDGET) -> I
                 m.processor = m.processor.inner
 
 
-def teacher_for_export(loaded) -> None:
+def teacher_for_export(loaded, *, bounded: bool = True) -> None:
     """Prepare a loaded softmax model (``litedge.models.loading.LoadedModel``) for ``lit-export --teacher``.
 
-    Its attention is bounded in place (:func:`bound_attention_`: the model was loaded for
-    this export only).
+    With ``bounded`` (the cpu target) its attention is bounded in place (:func:`bound_attention_`:
+    the model was loaded for this export only). Other targets keep the plain attention graph:
+    onnxruntime's fp16 converter cannot retype the chunk loop's tensor sequence (cuda), and
+    static-graph compilers (QNN, Core ML) take no ``Loop``; a GPU holds the whole scores.
 
     Raises:
         LitedgeError: the source is a linearized student; its checkpoint holds no teacher weights.
@@ -261,4 +263,5 @@ def teacher_for_export(loaded) -> None:
         raise LitedgeError(f"{loaded.source}: --teacher exports a softmax model, but this is a "
                            f"{loaded.linear.family} student (it holds no teacher weights): give the teacher's "
                            "pipeline directory, or --config NAME --random-weights --teacher")
-    bound_attention_(loaded.transformer)
+    if bounded:
+        bound_attention_(loaded.transformer)
