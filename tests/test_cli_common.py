@@ -146,8 +146,12 @@ def test_third_party_bars_logs_and_warnings_only_with_verbose():
 
 def test_export_stage_lines_follow_quiet(tmp_path, capsys):
     """lit-export's progress lines are litedge.export INFO records: shown by default, gone with -q."""
+    from litedge.models.configs import build_model
+    from litedge.models.student import save_transformer
+
     main = _command("lit-export").main
-    base = ["--config", "tiny-LiT-S/2", "--random-weights", "--weights", "fp"]
+    save_transformer(build_model("tiny-LiT-S/2", seed=0), tmp_path / "student")  # a lone transformer: quick
+    base = [str(tmp_path / "student"), "--weights", "fp"]
     assert main([*base, "-o", str(tmp_path / "a.litedge")]) == 0
     loud = capsys.readouterr()
     assert main([*base, "-q", "-o", str(tmp_path / "b.litedge")]) == 0
