@@ -21,5 +21,5 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert out.count("exported tiny") >= 2 and out.count("(ok, limit") == 2
     assert "io_binding True" not in out  # the CPU EP runs unbound; CUDA binds (tests/runtime)
     assert "step 64 px on cpu" in out and "step 128 px on cpu" in out and "teacher / student" in out
-    for bundle in ("tiny-student.litedge", "tiny-teacher.litedge"):
+    for bundle in ("tiny-LiT-T2I-XL-student-fp-cuda.litedge", "tiny-LiT-T2I-XL-teacher-fp-cuda.litedge"):
         assert (tmp_path / bundle / "manifest.json").is_file()
