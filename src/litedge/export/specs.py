@@ -267,9 +267,11 @@ TRANSFORMER_WRAPPERS: dict[str, type[TransformerWrapper]] = {
 
 def transformer_wrapper(model: nn.Module) -> TransformerWrapper:
     """The wrapper for a diffusers transformer (teacher or student), chosen by its class."""
-    name = type(model).__name__
+    from litedge.models.linearize import diffusers_class_name
+
+    name = diffusers_class_name(model) or type(model).__name__  # a Litedge* student class exports as its teacher's
     if name not in TRANSFORMER_WRAPPERS:
-        raise LitedgeError(f"cannot export a {name} as a transformer: expected one of {sorted(TRANSFORMER_WRAPPERS)}")
+        raise LitedgeError(f"cannot export a {type(model).__name__} as a transformer: expected one of {sorted(TRANSFORMER_WRAPPERS)}")
     return TRANSFORMER_WRAPPERS[name](model)
 
 
