@@ -280,3 +280,34 @@ def test_real_kill_between_renames_then_next_run(session_bundle, source, tmp_pat
     verify_bundle(out)
     assert json.loads((out / "manifest.json").read_text())["model"]["family"] == "lit"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "x.litedge"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_sigint_is_interrupted_130_and_the_old_bundle_kept(session_bundle, source, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    out = Path(shutil.copytree(session_bundle, tmp_path / "x.litedge"))
+    before = snapshot(tmp_path)
+    ready = tmp_path.parent / f"{tmp_path.name}.ready"
+    code = ("import sys, time\n"
+            "from litedge.export import backend\n"
+            "def slow(*a, **k):\n"
+            "    open(sys.argv[1], 'w').close(); time.sleep(60)\n"
+            "backend.load_backend = slow\n"
+            "import litedge.export.bundle_export as be\n"
+            "be.load_backend = slow\n"
+            "from litedge.cli.export import main\n"
+            "sys.exit(main(sys.argv[2:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ready), str(source), "-o", str(out), "--force", "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    ready.unlink()
+    assert_refused(proc.returncode, err, status=130, prog="lit-export")
+    assert snapshot(tmp_path) == before
