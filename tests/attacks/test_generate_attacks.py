@@ -346,3 +346,19 @@ def test_sigint_is_interrupted_130_and_no_png(session_bundle, tmp_path):
     ready.unlink()
     assert_refused(proc.returncode, err, status=130, prog="lit-generate")
     assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_while_the_png_is_written_leaves_the_old_one(session_bundle, tmp_path, capfd, monkeypatch):
+    """KeyboardInterrupt inside the PNG encoder: the temporary is removed, the old PNG keeps its bytes."""
+    from PIL import Image
+
+    def interrupted(self, fp, *a, **k):
+        fp.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    (tmp_path / "out.png").write_bytes(OLD_PNG)
+    before = snapshot(tmp_path)
+    code, _, err = run(main, ["a cat", "--bundle", session_bundle, "--size", "64", "--steps", "1", "--quiet", "-o",
+                              tmp_path / "out.png"], capfd)
+    assert_refused(code, err, status=130, prog="lit-generate")
+    assert snapshot(tmp_path) == before

@@ -164,3 +164,29 @@ def test_bad_flags(argv, fragment, session_bundle, tmp_path, capfd):
 
 def test_not_a_bundle(tmp_path, capfd):
     refused(capfd, tmp_path, [tmp_path / "nope.litedge", "--sizes", "64"], "bundle")
+
+
+def test_ctrl_c_while_measuring_is_interrupted_130(session_bundle, tmp_path, capfd, monkeypatch):
+    from litedge.profile import measure
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(measure, "profile_bundle", interrupted)
+    (tmp_path / "r.csv").write_text(OLD)
+    before = snapshot(tmp_path)
+    code, _, err = run(main, [session_bundle, "--sizes", "64", *FAST, "--csv", tmp_path / "r.csv"], capfd)
+    assert_refused(code, err, status=130, prog="lit-profile")
+    assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_while_writing_a_report_leaves_no_temp(session_bundle, tmp_path, capfd, monkeypatch):
+    from litedge.profile import report
+
+    def interrupted(profiles):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "to_csv", interrupted)
+    (tmp_path / "r.csv").write_text(OLD)
+    before = snapshot(tmp_path)
+    code, _, err = run(main, [session_bundle, "--sizes", "64", *FAST, "--csv", tmp_path / "r.csv"], capfd)
+    assert_refused(code, err, status=130, prog="lit-profile")
+    assert snapshot(tmp_path) == before
