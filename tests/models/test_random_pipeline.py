@@ -306,3 +306,17 @@ def test_full_size_parts_have_the_published_sizes():
     assert abs(pixart["text_encoder"] - 4.762e9) < 0.005e9 and sd3["text_encoder_3"] == pixart["text_encoder"]
     assert abs(sd3["text_encoder"] - 123.7e6) < 1e6 and abs(sd3["text_encoder_2"] - 694.7e6) < 1e6
     assert abs(pixart["vae"] - 83.65e6) < 0.5e6 and abs(sd3["vae"] - 83.65e6) < 0.5e6
+
+
+def test_sd3_position_table_is_diffusers_own_written_a_few_rows_at_a_time(tmp_path, monkeypatch):
+    """The (1, N, D) sincos table is not computed at construction (3-4 GB for SD3.5) but streamed in chunks."""
+    from litedge.models import random_weights
+    from litedge.models.configs import build_model, get_config
+    from litedge.models.random_pipeline import write_transformer
+
+    monkeypatch.setattr(random_weights, "CHUNK", 3 * 24 * 64)  # 3 of the 24 grid rows per chunk
+    write_transformer(tmp_path / "t", get_config("tiny-MM-EDiT-SD3.5-Medium"), seed=0, dtype=torch.float32,
+                      max_shard_bytes=2**30)
+    written = read_safetensors_weights(tmp_path / "t")["pos_embed.pos_embed"]
+    reference = build_model("tiny-MM-EDiT-SD3.5-Medium").pos_embed.pos_embed
+    assert written.shape == reference.shape == (1, 576, 64) and torch.equal(written, reference)

@@ -49,7 +49,7 @@ from litedge.atomic import atomic_directory
 from litedge.errors import LitedgeError
 from litedge.models import random_tokenizers as toks
 from litedge.models.configs import ModelSpec, build_model, get_config
-from litedge.models.random_weights import meta_parameters, plan, write_weights
+from litedge.models.random_weights import deferred_sincos_tables, meta_parameters, plan, write_weights
 
 INIT_VERSION = 1  # bump when the init or the layout changes: parts of older builds are then not reused
 PROVENANCE = "random_pipeline.json"
@@ -173,9 +173,10 @@ def write_transformer(folder: Path, spec: ModelSpec, *, seed: int, dtype: torch.
     """The config's student as models/student.py saves students; returns its class name."""
     from litedge.models.student import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, model_config
 
-    with meta_parameters():
+    tables: list = []
+    with meta_parameters(), deferred_sincos_tables(tables):
         model = build_model(spec.name, seed=seed)
-    entries = plan(model, dtype, int(model.config.num_layers))
+    entries = plan(model, dtype, int(model.config.num_layers), tables=tables)
     config = model_config(model)
     del model
     folder.mkdir(parents=True, exist_ok=True)
@@ -326,7 +327,7 @@ def parameter_count(config_name: str, *, transformer: bool = True) -> dict[str, 
     spec = get_config(config_name)
     tiny = spec.name.startswith("tiny-")
     counts = {}
-    with meta_parameters():
+    with meta_parameters(), deferred_sincos_tables([]):
         if transformer:
             counts["transformer"] = _count(build_model(spec.name))
         for part in text_parts(spec, tiny, 0):

@@ -54,9 +54,42 @@ def meta_parameters() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+@contextmanager
+def deferred_sincos_tables(tables: list[tuple[int, torch.Tensor]]) -> Iterator[None]:
+    """Inside it, diffusers' ``get_2d_sincos_pos_embed`` returns a meta tensor and appends
+    ``(embed_dim, grid)`` to ``tables``; :func:`plan` turns such a buffer into an entry that
+    diffusers' own ``get_2d_sincos_pos_embed_from_grid`` fills a few grid rows at a time.
+
+    SD3.5's (1, 147456, 1536) table is 0.9 GB in fp32 and diffusers computes it through
+    float64 (a 3-4 GB transient); deferred, it is written in 32 MB chunks.
+    """
+    from diffusers.models import embeddings
+
+    original = embeddings.get_2d_sincos_pos_embed
+
+    def deferred(embed_dim, grid_size, *args, **kwargs):
+        if args or kwargs.get("cls_token") or kwargs.get("extra_tokens"):
+            return original(embed_dim, grid_size, *args, **kwargs)
+        from_grid = embeddings.get_2d_sincos_pos_embed_from_grid
+        embeddings.get_2d_sincos_pos_embed_from_grid = lambda dim, grid, output_type="pt": grid
+        try:  # diffusers' own grid (2, 1, H, W), without the embedding
+            grid = original(embed_dim, grid_size, **kwargs)
+        finally:
+            embeddings.get_2d_sincos_pos_embed_from_grid = from_grid
+        tables.append((embed_dim, grid))
+        return torch.empty(grid[0].numel(), embed_dim, device="meta")
+
+    embeddings.get_2d_sincos_pos_embed = deferred
+    try:
+        yield
+    finally:
+        embeddings.get_2d_sincos_pos_embed = original
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One tensor to write: a random rule ("normal" with ``std``, "ones", "zeros") or a real buffer."""
+    """One tensor to write: a random rule ("normal" with ``std``, "ones", "zeros"), a real buffer, or
+    a deferred "sincos" table (``table``: embed_dim and diffusers' position grid)."""
 
     key: str
     shape: tuple[int, ...]
@@ -64,6 +97,7 @@ class Entry:
     rule: str
     std: float = 0.0
     buffer: torch.Tensor | None = None
+    table: tuple[int, torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -91,8 +125,12 @@ def init_rule(module: nn.Module, name: str, shape: tuple[int, ...], key: str, de
     return "normal", std
 
 
-def plan(model: nn.Module, dtype: torch.dtype, depth: int, extra_scale: dict[str, float] | None = None) -> list[Entry]:
-    """The tensors ``model.state_dict()`` would save, tied duplicates dropped, in order."""
+def plan(model: nn.Module, dtype: torch.dtype, depth: int, extra_scale: dict[str, float] | None = None,
+         tables: list[tuple[int, torch.Tensor]] = ()) -> list[Entry]:
+    """The tensors ``model.state_dict()`` would save, tied duplicates dropped, in order.
+
+    ``tables``: what :func:`deferred_sincos_tables` recorded while ``model`` was built.
+    """
     buffers = {id(b) for b in model.buffers()}
     entries, seen = [], set()
     for key, tensor in model.state_dict(keep_vars=True).items():
@@ -100,6 +138,12 @@ def plan(model: nn.Module, dtype: torch.dtype, depth: int, extra_scale: dict[str
             continue
         seen.add(id(tensor))
         shape = tuple(tensor.shape)
+        if id(tensor) in buffers and tensor.device.type == "meta":  # a deferred position table (1, N, D)
+            table = next((t for t in tables if (1, t[1][0].numel(), t[0]) == shape), None)
+            if table is None:
+                raise LitedgeError(f"buffer {key} {shape} has no values: build the model outside meta_parameters")
+            entries.append(Entry(key, shape, dtype, "sincos", table=table))
+            continue
         if id(tensor) in buffers or tensor.device.type != "meta":
             value = tensor.detach()
             out_dtype = dtype if value.is_floating_point() else value.dtype
@@ -119,6 +163,15 @@ def _chunks(entry: Entry, seed: int, role: str) -> Iterator[torch.Tensor]:
     """The flattened values of ``entry`` in its dtype, at most :data:`CHUNK` at a time."""
     if entry.rule == "buffer":
         yield entry.buffer.reshape(-1).to(entry.dtype).contiguous()
+        return
+    if entry.rule == "sincos":
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+        dim, grid = entry.table  # grid (2, 1, H, W): rows of it are consecutive positions
+        rows = max(1, CHUNK // (grid.shape[-1] * dim))
+        for r in range(0, grid.shape[2], rows):
+            part = get_2d_sincos_pos_embed_from_grid(dim, grid[:, :, r : r + rows], output_type="pt")
+            yield part.float().to(entry.dtype).reshape(-1)  # (rows * W * D,), as diffusers' .float()
         return
     total = math.prod(entry.shape)
     generator = torch.Generator().manual_seed(_seed(seed, role, entry.key)) if entry.rule == "normal" else None
