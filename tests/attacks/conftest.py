@@ -55,3 +55,13 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _four_gib_available(monkeypatch):
+    """The memory bound's messages do not depend on the machine: 4 GiB available (cases may override)."""
+    try:
+        from litedge.runtime import memory
+    except ImportError:
+        return
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 * 2**30)

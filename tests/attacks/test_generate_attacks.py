@@ -40,7 +40,7 @@ def refused(capfd, work: Path, argv: list, *fragments: str) -> str:
 
 BAD_REQUESTS = {
     "size_100000": (["--size", "100000"], "needs about", "the largest that fits is"),
-    "batch_100000": (["--size", "64", "--batch", "100000"], "needs about", "or batch"),
+    "batch_100000": (["--size", "64", "--batch", "100000"], "needs about", "batch that fits at 64x64"),
     "size_and_batch_huge": (["--size", "8192", "--batch", "4096"], "needs about"),
     "height_huge": (["--height", "400000", "--width", "4000"], "needs about"),
     "batch_zero": (["--batch", "0"], "--batch must be a positive integer"),

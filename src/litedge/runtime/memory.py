@@ -20,6 +20,11 @@ weight size)::
                 (calibrated on SDXL's VAE: +3.9 GB at 1024 px untiled, docs/design.md)
     text        rows x L x D_text x 4 x 8
 
+The activation terms are doubled (onnxruntime's arena grows by doubling) and 256 MiB are
+added for the process itself (interpreter, numpy, onnxruntime). Measured on the tiny test
+bundle at 2048 px: estimate 640 MiB, peak RSS 657 MiB; on the demo bundle at 512 px: 399
+MiB estimated, 274 MiB peak RSS (``/usr/bin/time -f %M lit-generate ...``).
+
 ``rows`` is 2B with classifier-free guidance, else B. It is an estimate, not a bound:
 generous where the manifest is silent, so what it accepts runs; what it refuses would not
 have fit. The memory available is the kernel's ``MemAvailable`` (and a cgroup limit, when
@@ -38,6 +43,7 @@ from litedge.errors import LitedgeError
 
 LINEAR_FAMILIES = ("lit", "edit", "mmedit")
 GIB = 2**30
+BASELINE = 256 * 2**20  # the interpreter, numpy, onnxruntime and the tokenizer, before any request
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,8 @@ def estimate_bytes(model: Model, shape: Shape) -> int:
     vae_rows = 1 if model.fixed_batch else B
     vae = vae_rows * side_h * side_w * model.factor**2 * model.vae_channels * 4
     text = rows_total * model.text_length * model.text_width * 4 * 8
-    return weights + images + latents + transformer + vae + text
+    # onnxruntime's arena grows by doubling: up to 2x the live activations; plus the process itself
+    return BASELINE + weights + 2 * (images + latents + transformer + vae + text)
 
 
 def available_bytes() -> int | None:
@@ -220,7 +227,9 @@ def check_fits(manifest: Manifest, shape: Shape, bundle_dir: Path | None = None,
     batch = largest_batch(model, shape, budget)
     if side is None:
         fix = f"even {multiple}x{multiple} at batch {shape.batch} does not fit: lower --batch or free memory"
-        if shape.batch > 1:
+        if batch >= 1:
+            fix = f"the largest batch that fits at {shape.height}x{shape.width} is {batch}"
+        elif shape.batch > 1:
             one = largest_square(model, Shape(1, 1, 1, shape.guided, shape.vae_tile), budget, multiple)
             if one is not None:
                 fix = f"at batch 1 the largest size that fits is {one}x{one} px"
