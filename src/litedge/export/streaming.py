@@ -244,7 +244,7 @@ def _dequantized(plan: WeightPlan, fmt: WeightFormat) -> Callable[[str, torch.Te
         if name not in by_origin:
             return t
         kind, how = by_origin[name]
-        w = t.numpy().astype(np.float32)
+        w = np.asarray(t.numpy(), dtype=np.float32)  # no copy: sources serve fp32
         if kind == "gather":
             return torch.from_numpy(_dequantize_table(w, fmt.block_size))
         w = w.T if how == "T" else w
@@ -256,23 +256,29 @@ def _dequantized(plan: WeightPlan, fmt: WeightFormat) -> Callable[[str, torch.Te
 
 
 def _dequantize_table(table: np.ndarray, block_size: int) -> np.ndarray:
-    """An embedding table as onnxruntime's GatherBlockQuantized reads it back (every row looked up)."""
+    """An embedding table as onnxruntime's GatherBlockQuantized reads it back (every row looked up, in chunks)."""
+    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    rows, cols = table.shape
-    q, scales = quantize_table(table, block_size)
-    graph = helper.make_graph(
-        [helper.make_node("GatherBlockQuantized", ["q", "ids", "s"], ["out"], domain="com.microsoft",
-                          gather_axis=0, quantize_axis=1, block_size=block_size)],
-        "dequantize", [helper.make_tensor_value_info("ids", TensorProto.INT64, [rows])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [rows, cols])],
-        [helper.make_tensor("q", TensorProto.INT4, [rows, cols], q.tobytes(), raw=True), numpy_helper.from_array(scales, "s")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    import onnxruntime as ort
+    from litedge.export.weight_writer import TABLE_ROWS
 
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"ids": np.arange(rows, dtype=np.int64)})[0]
+    out = np.empty(table.shape, dtype=np.float32)
+    for start in range(0, table.shape[0], TABLE_ROWS):
+        chunk = table[start:start + TABLE_ROWS]
+        rows, cols = chunk.shape
+        q, scales = quantize_table(chunk, block_size)
+        graph = helper.make_graph(
+            [helper.make_node("GatherBlockQuantized", ["q", "ids", "s"], ["out"], domain="com.microsoft",
+                              gather_axis=0, quantize_axis=1, block_size=block_size)],
+            "dequantize", [helper.make_tensor_value_info("ids", TensorProto.INT64, [rows])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [rows, cols])],
+            [helper.make_tensor("q", TensorProto.INT4, [rows, cols], q.tobytes(), raw=True),
+             numpy_helper.from_array(scales, "s")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        out[start:start + rows] = session.run(None, {"ids": np.arange(rows, dtype=np.int64)})[0]
+    return out
 
 
 def _reference(wrapper, source, key_of, derived, inputs, transform=None) -> list[np.ndarray]:

@@ -258,12 +258,25 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, k: int, bits: int,
     return np.ascontiguousarray(w.reshape(n, -1)[:, :k].T)
 
 
+TABLE_ROWS = 2048  # rows quantized at a time: onnxruntime's numpy quantizer makes several copies of its input
+
+
 def quantize_table(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A (V, D) embedding table -> GatherBlockQuantized's int4 data (V, D) packed and scales (V, D/block)."""
+    """A (V, D) embedding table -> GatherBlockQuantized's int4 data (V*D/2 bytes, row-major pairs) and scales (V, D/block).
+
+    Blocks run along a row, so rows are quantized in chunks (same result, bounded memory).
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
-    data, scales, _ = DefaultWeightOnlyQuantizer.quantize_ndarray(np.ascontiguousarray(table), 1, block_size, True)
-    return data, scales
+    if table.shape[1] % 2:
+        raise LitedgeError(f"embedding table of width {table.shape[1]}: int4 rows need an even width")
+    data, scales = [], []
+    for start in range(0, table.shape[0], TABLE_ROWS):
+        chunk = np.ascontiguousarray(table[start:start + TABLE_ROWS], dtype=np.float32)
+        q, s, _ = DefaultWeightOnlyQuantizer.quantize_ndarray(chunk, 1, block_size, True)
+        data.append(np.asarray(q).reshape(-1))
+        scales.append(s)
+    return np.concatenate(data), np.concatenate(scales, axis=0)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -5,7 +5,7 @@ Real checkpoints are stored as (sharded) safetensors in bf16/fp16: PixArt-Sigma'
 in memory, so the export streams instead:
 
 - a :class:`WeightSource` names every tensor with its shape and returns one at a time as
-  fp32 (:class:`SafetensorsWeights` reads shards lazily with ``safe_open``;
+  fp32 (:class:`SafetensorsWeights` reads each tensor's bytes from its shard, no memory map;
   :class:`ModuleWeights` serves an in-memory model the same way);
 - :func:`empty_weights` builds a module whose parameters live on the ``meta`` device (no
   memory; buffers stay real), and :func:`placeholder_parameters` gives it stride-0 zero
@@ -119,12 +119,10 @@ class SafetensorsWeights(WeightSource):
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
-        self._where: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._handles: dict[Path, object] = {}
+        self._where: dict[str, tuple[Path, tuple[int, ...], str, int, int]] = {}
         for path in self._files():
-            for key, shape in _header_shapes(path).items():
-                self._where[key], self._shapes[key] = path, shape
+            for key, (shape, dtype, begin, end) in _header(path).items():
+                self._where[key] = (path, shape, dtype, begin, end)
 
     def _files(self) -> list[Path]:
         for stem in WEIGHT_FILE_STEMS:
@@ -165,27 +163,34 @@ class SafetensorsWeights(WeightSource):
         return key in self._where
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
+        return self._where[key][1]
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self._where[key]
-        handle = self._handles.get(path)
-        if handle is None:
-            try:
-                handle = self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises its own types on corrupt files
-                raise LitedgeError(f"{path}: not a readable safetensors file ({exc}); fetch it again") from None
+        # Read the tensor's bytes, not a memory map: mapped pages would stay resident (and count in
+        # RSS) for the whole export, where this holds one tensor at a time.
+        path, shape, dtype, begin, end = self._where[key]
+        if dtype not in _DTYPES:
+            raise LitedgeError(f"{path}: tensor {key} has dtype {dtype}, which litedge does not read")
+        buf = bytearray(end - begin)
         try:
-            t = handle.get_tensor(key)
-        except Exception as exc:
+            with open(path, "rb") as f:
+                f.seek(begin)
+                if f.readinto(buf) != len(buf):
+                    raise OSError("short read")
+        except OSError as exc:
             raise LitedgeError(f"{path}: tensor {key} cannot be read ({exc}): the shard is truncated; fetch it again") from None
-        return t.float() if t.is_floating_point() else t
+        t = torch.frombuffer(buf, dtype=_DTYPES[dtype]) if buf else torch.empty(0, dtype=_DTYPES[dtype])
+        t = t.reshape(shape)
+        return t.float() if t.is_floating_point() else t.clone()
 
 
-def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors header (8-byte length + JSON), checked against the file size."""
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
+    """Tensor name -> (shape, dtype code, start, end byte in the file) from a safetensors header, checked against the file size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -193,15 +198,16 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if not 0 < n <= min(size - 8, 100 * 2**20):
                 raise ValueError(f"header length {n} does not fit the {size}-byte file")
             header = json.loads(f.read(n))
-        shapes, end = {}, 0
+        entries, end = {}, 0
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            shapes[key] = tuple(int(d) for d in info["shape"])
-            end = max(end, int(info["data_offsets"][1]))
-        if 8 + n + end > size:
-            raise ValueError(f"tensors end at byte {8 + n + end} but the file has {size}")
-        return shapes
+            begin, stop = (8 + n + int(o) for o in info["data_offsets"])
+            entries[key] = (tuple(int(d) for d in info["shape"]), str(info["dtype"]), begin, stop)
+            end = max(end, stop)
+        if end > size:
+            raise ValueError(f"tensors end at byte {end} but the file has {size}")
+        return entries
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise LitedgeError(f"{path}: not a complete safetensors file ({exc}); it was cut short: fetch it again") from None
 
