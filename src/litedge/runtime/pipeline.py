@@ -471,7 +471,9 @@ class Pipeline:
         noise = self.initial_latents(req, latents, gens)
         sched.generator = gens  # a stochastic scheduler's step noise continues each image's generator
         cond = self._conditioning(req)
-        self.release(*[n for n in self.manifest.components if n.startswith("text_encoder")])  # SD3 has three
+        encoders = [n for n in self.manifest.components if n.startswith("text_encoder")]  # SD3 has three
+        if encoders:  # release() without names would close every session
+            self.release(*encoders)
         self.interrupt = False
         try:
             final = self.denoise(noise, cond, sched, req.guidance_scale, progress, callback_on_step_end)
