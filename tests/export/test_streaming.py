@@ -66,7 +66,8 @@ def test_int4_graph_is_exact_against_pytorch_with_the_dequantized_weights(tmp_pa
     result = export_streamed(
         "transformer", transformer_wrapper(model), ModuleWeights(model), tmp_path / "q.onnx",
         trace=SampleSize(2, 8, 8, 8), check_sizes=[SampleSize(1, 8, 8, 8), SampleSize(2, 8, 12, 5)], opset=17,
-        fmt=WeightFormat(bits=4), rewrite=lambda: dynamic_pos_embed(model))
+        fmt=WeightFormat(bits=4), rewrite=lambda: dynamic_pos_embed(model), external_data=True)
+    assert [p.name for p in result.files] == ["q.onnx", "q.onnx.data"]  # the path big models take
     assert result.fidelity["rel_err"] < 1e-5  # the graph is right: only int4 rounding separates it from fp32
     assert 1e-3 < result.fidelity["quantized"]["rel_err"] < 0.3  # and that rounding is reported
     assert result.metadata["quantization"]["left_fp32"] == {}

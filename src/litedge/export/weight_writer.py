@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import set_external_data
 
 from litedge.errors import LitedgeError
 from litedge.quantize.int4 import layer_name
@@ -291,20 +290,27 @@ class _DataFile:
         self.written = 0
 
     def tensor(self, name: str, array: np.ndarray, onnx_type: int | None = None, dims: tuple[int, ...] | None = None) -> TensorProto:
+        """``array`` as an initializer: appended to the data file (page-aligned) or, when small or inline, in the graph.
+
+        The bytes go to the file directly: a TensorProto that once held them keeps them in its
+        arena (upb protobuf) even after ``ClearField``, which would keep every weight resident.
+        """
         array = np.ascontiguousarray(array)
-        if onnx_type is None:
-            t = numpy_helper.from_array(array, name)
-        else:
-            t = helper.make_tensor(name, onnx_type, list(dims if dims is not None else array.shape), array.tobytes(), raw=True)
+        onnx_type = onnx_type if onnx_type is not None else helper.np_dtype_to_tensor_dtype(array.dtype)
+        dims = list(dims if dims is not None else array.shape)
         self.written += array.nbytes
         if self.file is None or array.nbytes < _MIN_EXTERNAL_BYTES:
-            return t
-        blob = t.raw_data
+            return helper.make_tensor(name, onnx_type, dims, array.tobytes(), raw=True)
         self.file.write(b"\0" * (-self.file.tell() % _ALIGN))
         offset = self.file.tell()
-        self.file.write(blob)
-        set_external_data(t, location=self.location, offset=offset, length=len(blob))
-        t.ClearField("raw_data")
+        self.file.write(memoryview(array.reshape(-1).view(np.uint8)))
+        t = TensorProto()
+        t.name, t.data_type = name, onnx_type
+        t.dims.extend(dims)
+        t.data_location = TensorProto.EXTERNAL  # what onnx's set_external_data writes, without needing raw_data first
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
         return t
 
     def close(self) -> None:
