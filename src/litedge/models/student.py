@@ -23,6 +23,7 @@ from torch import nn
 
 from litedge.atomic import atomic_directory
 from litedge.errors import LitedgeError
+from litedge.models.weights import _inside
 from litedge.models.linearize import (
     STUDENT_CLASS_NAMES, TEACHER_KINDS, LinearizeConfig, diffusers_class_name, linearize_, linearize_config_of,
 )
@@ -94,13 +95,6 @@ def read_safetensors_weights(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise LitedgeError(f"{path}: not a readable safetensors file ({exc}); re-save or re-download it") from None
-
-
-def _inside(directory: Path, relative: str) -> Path:
-    path = (directory / relative).resolve()
-    if directory.resolve() not in path.parents:
-        raise LitedgeError(f"{relative!r} in {directory} points outside the model directory: refused")
-    return path
 
 
 def build_from_config(config: dict) -> nn.Module:

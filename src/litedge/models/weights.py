@@ -215,7 +215,7 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int, int]]:
 def _inside(directory: Path, relative: str) -> Path:
     path = (directory / relative).resolve()
     if directory.resolve() not in path.parents:
-        raise LitedgeError(f"{relative!r} in {directory} points outside the model folder: refused")
+        raise LitedgeError(f"{relative!r} in {directory} points outside the model directory: refused")
     return path
 
 
