@@ -24,8 +24,10 @@ Measured on the build machine (2 shared cores, 23 GiB, ``/usr/bin/time -v``), fu
 | EDiT-PixArt-Sigma (T5-XXL hard-linked from the LiT build) | 11.1 GB (1.6 GB) | 41 s | 0.49 GB |
 | MM-EDiT-SD3.5-Medium (2.46 B + CLIP-L + CLIP-G; T5-XXL linked) | 16.7 GB (7.2 GB) | 1 min 2 s | 3.9 GB |
 
-SD3's peak is diffusers building the transformer's (1, 147456, 1536) position table at construction
-(0.9 GB in fp32, computed through float64), not the weights. CLI:
+SD3's 3.9 GB was diffusers building the transformer's (1, 147456, 1536) position table at construction
+(0.9 GB in fp32, computed through float64), measured before that table was deferred
+(``deferred_sincos_tables``): the meta construction now peaks at 0.37 GB; the full SD3 build has not
+been re-measured since (its files are unchanged: the same values). CLI:
 ``python -m litedge.models.random_pipeline NAME OUT [--seed N] [--text-encoder-layers N]``.
 """
 
