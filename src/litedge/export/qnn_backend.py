@@ -34,10 +34,11 @@ binary deserializes, every node on HTP, CPU fallback disabled) without running i
 runs the QDQ graph on onnxruntime's CPU EP on the held-out input against PyTorch fp32: that is
 the quantization error, not HTP's own arithmetic. Measured on LiT-T2I-XL at 1024 px (2 shared
 cores): export + parity 22 min (8.6 GB peak), PyTorch feeds 10 min, fold/LayerNorm/opset 11 s,
-calibration + QDQ 8 min (8.6 GB), CPU QDQ check 1.7 min (relative error in the manifest); the
+calibration + QDQ 8 min (8.6 GB), CPU QDQ check of the one held-out input 1.7 min; the
 QNN HTP compile (onnxruntime-qnn 2.7) was still running after 17 min at 19.4 GB RSS and was
-stopped there: compiling this graph whole does not fit a 24 GB machine yet. The manifest says which
-(``fidelity.buckets[tag].on``, ``.simulator``) and how long each took (``cpu_s``, ``loaded_s``).
+stopped there: compiling this graph whole does not fit a 24 GB machine yet. A bundle's manifest
+says which check ran (``fidelity.buckets[tag].on``, ``.simulator``) and how long each took
+(``cpu_s``, ``loaded_s``, ``simulator_s``).
 
 The timestep sinusoid stays in the graph: with uint16 activations it is as accurate as
 feeding the features (fp16 HTP is what loses it, docs/design.md). ``--hub DEVICE`` also compiles
