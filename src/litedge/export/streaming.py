@@ -122,17 +122,56 @@ def export_streamed(
 # ----------------------------------------------------------------------------- steps
 
 
+class _WeightsAsInputs(nn.Module):
+    """``wrapper`` with its parameters and buffers taken as extra positional inputs, holding none itself.
+
+    torch's exporter materializes every *parameter* it is given (a contiguous fp32 copy each,
+    in its shape-inference passes): 10.8 GB for SD3.5-Medium's placeholders. Inputs it only traces.
+    """
+
+    def __init__(self, wrapper: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self._inner = (wrapper,)  # a tuple: not registered, so this module has no parameters
+        aliases = parameter_aliases(wrapper)
+        self._slots = []  # per name: every (dict, key) holding that tensor (tied weights have several)
+        for name in names:
+            slots = []
+            for alias in aliases.get(name, [name]):
+                owner, _, attr = alias.rpartition(".")
+                sub = wrapper.get_submodule(owner) if owner else wrapper
+                slots.append(sub._parameters if attr in sub._parameters else sub._buffers)
+                slots[-1] = (slots[-1], attr)
+            self._slots.append(slots)
+
+    def forward(self, *args: torch.Tensor):
+        n = len(args) - len(self._slots)
+        saved = []
+        try:
+            for slots, tensor in zip(self._slots, args[n:]):
+                for table, attr in slots:
+                    saved.append((table, attr, table[attr]))
+                    table[attr] = tensor
+            return self._inner[0](*args[:n])
+        finally:
+            for table, attr, value in reversed(saved):
+                table[attr] = value
+
+
 def _trace(wrapper, spec, trace, opset, dynamic, rewrite, path: Path) -> onnx.ModelProto:
-    """The wrapper's graph with every weight a graph input (nothing folded, nothing stored)."""
+    """The wrapper's graph with every weight a graph input named as in the wrapper (nothing folded, nothing stored)."""
     args = wrapper.sample_inputs(trace)
+    tensors = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
+    names = list(tensors)
+    module = _WeightsAsInputs(wrapper, names)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.trace-", dir=path.parent))
     try:
         with inference_mode_of(wrapper), rewrite(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapper, args, str(tmp / "graph.onnx"), dynamo=False, opset_version=opset, export_params=False,
-                do_constant_folding=False, keep_initializers_as_inputs=True,  # no dedupe: placeholders are all equal
-                input_names=spec.input_names, output_names=spec.output_names,
+                module, (*args, *(tensors[n].detach() for n in names)), str(tmp / "graph.onnx"), dynamo=False,
+                opset_version=opset, export_params=False, do_constant_folding=False,
+                keep_initializers_as_inputs=True,  # no de-duplication: placeholders all look equal
+                input_names=[*spec.input_names, *names], output_names=spec.output_names,
                 dynamic_axes=spec.dynamic_axes() if dynamic else None,
             )
         return onnx.load(str(tmp / "graph.onnx"))
