@@ -45,6 +45,7 @@ from litedge.export.weight_writer import (
 )
 from litedge.models.weights import WeightSource, lookup, parameter_aliases, streamed_weights
 
+INLINE_LIMIT = min(EXTERNAL_DATA_THRESHOLD, 512 * 2**20)  # fp32 weight bytes kept inside the .onnx file
 QUANT_SANITY = 0.5  # rel err vs fp32 past which a quantized graph is broken, not merely approximate
 KeyOf = Callable[[str], list[str]]
 
@@ -100,9 +101,9 @@ def export_streamed(
     thunks, shapes, derived = _weight_inputs(wrapper, graph_model.graph, spec, source, key_of, component)
     plan = plan_weights(graph_model.graph, thunks, fmt)
     weight_bytes = sum(4 * int(np.prod(s)) for s in shapes.values())
-    if fmt.bits is not None:
-        weight_bytes //= 6
-    external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+    # Inline tensors stay in memory until the graph is saved (and must total < 2 GB): anything big goes
+    # to the data file as it is written, whatever its quantized size will be.
+    external = external_data if external_data is not None else weight_bytes > INLINE_LIMIT
     files = _write(graph_model, plan, fmt, spec, wrapper, path, external, component, sum(4 * int(np.prod(s)) for s in shapes.values()))
     metadata = wrapper.metadata()
     result = ExportResult(component, path, files, spec.manifest_inputs(), spec.manifest_outputs(), metadata)
