@@ -172,7 +172,7 @@ def component_sizes(bundle: Path) -> dict[str, int]:
     manifest = json.loads((bundle / "manifest.json").read_text())
     sizes = {}
     for name, comp in manifest["components"].items():
-        files = [comp["file"], *comp.get("extra_files", [])]
+        files = [comp["file"], *(e["file"] if isinstance(e, dict) else e for e in comp.get("extra_files", []))]
         sizes[name] = sum((bundle / f).stat().st_size for f in files if (bundle / f).is_file())
     return sizes
 
