@@ -71,6 +71,12 @@ def test_int4_graph_is_exact_against_pytorch_with_the_dequantized_weights(tmp_pa
     assert result.fidelity["rel_err"] < 1e-5  # the graph is right: only int4 rounding separates it from fp32
     assert 1e-3 < result.fidelity["quantized"]["rel_err"] < 0.3  # and that rounding is reported
     assert result.metadata["quantization"]["left_fp32"] == {}
+    import onnx
+
+    # Node names keep their module paths (layer names for --keep-fp, lit-profile's op groups read them).
+    names = [n.name for n in onnx.load(str(tmp_path / "q.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert names and all(n.startswith("/model/") or n.startswith("/proj_out/") for n in names), names[:5]
 
 
 def test_block_dequantization_inverts_onnxruntime_matmulnbits():

@@ -123,39 +123,45 @@ def export_streamed(
 # ----------------------------------------------------------------------------- steps
 
 
-class _WeightsAsInputs(nn.Module):
-    """``wrapper`` with its parameters and buffers taken as extra positional inputs, holding none itself.
+@contextlib.contextmanager
+def _weights_as_inputs(wrapper: nn.Module, names: list[str]):
+    """While active, ``wrapper`` holds no parameters or buffers and takes them as extra positional inputs.
 
-    torch's exporter materializes every *parameter* it is given (a contiguous fp32 copy each,
-    in its shape-inference passes): 10.8 GB for SD3.5-Medium's placeholders. Inputs it only traces.
+    torch's exporter materializes every parameter it is given (a contiguous fp32 copy each, in
+    its shape-inference passes: 10.8 GB for SD3.5-Medium's placeholders); inputs it only traces.
+    The wrapper itself is traced (not a module around it), so node names keep their module
+    paths (``/model/transformer_blocks.0/attn1/...``), which layer names and op groups read.
     """
+    aliases = parameter_aliases(wrapper)
+    slots = []  # per name: every (dict, key) holding that tensor (tied weights have several)
+    for name in names:
+        entry = []
+        for alias in aliases.get(name, [name]):
+            owner, _, attr = alias.rpartition(".")
+            sub = wrapper.get_submodule(owner) if owner else wrapper
+            entry.append((sub._parameters if attr in sub._parameters else sub._buffers, attr))
+        slots.append(entry)
+    hidden = [(table, attr, table.pop(attr)) for entry in slots for table, attr in entry]
 
-    def __init__(self, wrapper: nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self._inner = (wrapper,)  # a tuple: not registered, so this module has no parameters
-        aliases = parameter_aliases(wrapper)
-        self._slots = []  # per name: every (dict, key) holding that tensor (tied weights have several)
-        for name in names:
-            slots = []
-            for alias in aliases.get(name, [name]):
-                owner, _, attr = alias.rpartition(".")
-                sub = wrapper.get_submodule(owner) if owner else wrapper
-                slots.append(sub._parameters if attr in sub._parameters else sub._buffers)
-                slots[-1] = (slots[-1], attr)
-            self._slots.append(slots)
-
-    def forward(self, *args: torch.Tensor):
-        n = len(args) - len(self._slots)
-        saved = []
+    def forward(*args: torch.Tensor):
+        n = len(args) - len(slots)
+        for entry, tensor in zip(slots, args[n:]):
+            for table, attr in entry:
+                table[attr] = tensor
         try:
-            for slots, tensor in zip(self._slots, args[n:]):
-                for table, attr in slots:
-                    saved.append((table, attr, table[attr]))
-                    table[attr] = tensor
-            return self._inner[0](*args[:n])
+            return type(wrapper).forward(wrapper, *args[:n])
         finally:
-            for table, attr, value in reversed(saved):
-                table[attr] = value
+            for entry in slots:
+                for table, attr in entry:
+                    table.pop(attr, None)
+
+    wrapper.forward = forward
+    try:
+        yield
+    finally:
+        del wrapper.forward
+        for table, attr, value in hidden:
+            table[attr] = value
 
 
 def _trace(wrapper, spec, trace, opset, dynamic, rewrite, path: Path) -> onnx.ModelProto:
@@ -163,13 +169,13 @@ def _trace(wrapper, spec, trace, opset, dynamic, rewrite, path: Path) -> onnx.Mo
     args = wrapper.sample_inputs(trace)
     tensors = {**dict(wrapper.named_parameters()), **dict(wrapper.named_buffers())}
     names = list(tensors)
-    module = _WeightsAsInputs(wrapper, names)
+    weights = tuple(t.detach() for t in tensors.values())
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.trace-", dir=path.parent))
     try:
-        with inference_mode_of(wrapper), rewrite(), warnings.catch_warnings():
+        with inference_mode_of(wrapper), rewrite(), _weights_as_inputs(wrapper, names), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module, (*args, *(tensors[n].detach() for n in names)), str(tmp / "graph.onnx"), dynamo=False,
+                wrapper, (*args, *weights), str(tmp / "graph.onnx"), dynamo=False,
                 opset_version=opset, export_params=False, do_constant_folding=False,
                 keep_initializers_as_inputs=True,  # no de-duplication: placeholders all look equal
                 input_names=[*spec.input_names, *names], output_names=spec.output_names,
