@@ -22,22 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from litedge.errors import LitedgeError
-from litedge.safe_write import fsync_dir, pid_alive, temp_name
+from litedge.safe_write import dead_writer_entries, fsync_dir, pid_alive, temp_name
 
 StrPath = str | os.PathLike
-
-
-def _dead(folder: Path, pattern: re.Pattern) -> list[Path]:
-    found = []
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                match = pattern.fullmatch(entry.name)
-                if match and not pid_alive(int(match.group(1))):
-                    found.append(Path(entry.path))
-    except OSError:
-        return []
-    return found
 
 
 def _remove(path: Path) -> bool:
@@ -61,8 +48,8 @@ def recover_interrupted(dst: StrPath) -> tuple[Path | None, list[Path]]:
     """
     dst = Path(os.path.abspath(dst))
     folder, name = dst.parent, re.escape(dst.name)
-    olds = _dead(folder, re.compile(rf"\.{name}\.old-(\d+)(?:-[0-9a-f]{{16}})?"))
-    tmps = _dead(folder, re.compile(rf"\.{name}\.tmp-(\d+)-[0-9a-f]{{16}}"))
+    olds = dead_writer_entries(folder, re.compile(rf"\.{name}\.old-(\d+)(?:-[0-9a-f]{{16}})?"))
+    tmps = dead_writer_entries(folder, re.compile(rf"\.{name}\.tmp-(\d+)-[0-9a-f]{{16}}"))
     restored = None
     if olds and not os.path.lexists(dst):
         def mtime(p: Path) -> float:

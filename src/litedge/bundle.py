@@ -43,7 +43,7 @@ from typing import Any
 from litedge import __version__
 from litedge.atomic import recover_interrupted
 from litedge.errors import LitedgeError
-from litedge.safe_write import temp_name, write_text
+from litedge.safe_write import fsync_dir, temp_name, write_text
 
 FORMAT = "litedge-bundle"
 VERSION = 1
@@ -638,7 +638,7 @@ def _fsync_tree(root: Path) -> None:
         paths += [Path(dirpath, n) for n in dirnames + filenames]
     for p in paths:
         if not p.is_symlink():
-            _fsync_path(p)
+            fsync_dir(p)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -835,23 +835,9 @@ class BundleWriter:
                 raise LitedgeError(f"cannot move the finished bundle to {out} ({e.strerror}); "
                                    "remove what is there, or choose another output path") from None
             raise
-        _fsync_path(out.parent)
+        fsync_dir(out.parent)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync one file or directory, best effort (a no-op where it cannot be opened, e.g. directories off POSIX)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def cleanup_stale_temps(parent: StrPath, max_age_s: float = 24 * 3600) -> list[Path]:

@@ -66,7 +66,11 @@ def temp_pattern(target_name: str, kinds: tuple[str, ...] = ("tmp",)) -> re.Patt
 
 def stale_entries(folder: Path, target_name: str, kinds: tuple[str, ...] = ("tmp",)) -> list[Path]:
     """litedge's own temporaries for ``target_name`` in ``folder`` whose writing process is dead."""
-    pattern = temp_pattern(target_name, kinds)
+    return sorted(dead_writer_entries(folder, temp_pattern(target_name, kinds)))
+
+
+def dead_writer_entries(folder: Path, pattern: re.Pattern) -> list[Path]:
+    """Entries of ``folder`` whose name fully matches ``pattern`` and whose group 1 (a pid) is no live process."""
     found = []
     try:
         with os.scandir(folder) as entries:
@@ -76,7 +80,7 @@ def stale_entries(folder: Path, target_name: str, kinds: tuple[str, ...] = ("tmp
                     found.append(Path(entry.path))
     except OSError:
         return []
-    return sorted(found)
+    return found
 
 
 def clean_stale_files(target: StrPath) -> list[Path]:

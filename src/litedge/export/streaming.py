@@ -104,14 +104,14 @@ def export_streamed(
     # Inline tensors stay in memory until the graph is saved (and must total < 2 GB): anything big goes
     # to the data file as it is written, whatever its quantized size will be.
     external = external_data if external_data is not None else weight_bytes > INLINE_LIMIT
-    files = _write(graph_model, plan, fmt, spec, wrapper, path, external, component, sum(4 * int(np.prod(s)) for s in shapes.values()))
+    files = _write(graph_model, plan, fmt, spec, wrapper, path, external, component, weight_bytes)
     metadata = wrapper.metadata()
     result = ExportResult(component, path, files, spec.manifest_inputs(), spec.manifest_outputs(), metadata)
     if fmt.bits is not None:
         metadata["quantization"] = {
             "weights": fmt.label, "block_size": fmt.block_size, "symmetric": True, "quantized": len(plan.layers),
             "left_fp32": plan.left_fp32, "embeddings": plan.embeddings or "fp32",
-            "size_before": sum(4 * int(np.prod(s)) for s in shapes.values()),
+            "size_before": weight_bytes,
         }
     del graph_model
     gc.collect()
