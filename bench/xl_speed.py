@@ -79,6 +79,21 @@ def matmul_rates(n: int = 4096) -> dict[str, float]:
     return rates
 
 
+def set_threads(threads: int | None) -> int:
+    """One thread count for onnxruntime (``LITEDGE_THREADS``, read by every session litedge opens)
+    and torch (the matmul-rate reference and the export's parity checks); default: the cores of
+    this process's affinity. Returns the count."""
+    import torch
+
+    from litedge.runtime.session import cpu_threads
+
+    if threads is not None:
+        os.environ["LITEDGE_THREADS"] = str(threads)
+    n = cpu_threads()
+    torch.set_num_threads(n)
+    return n
+
+
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -255,12 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion-ab", action="store_true",
                         help="time the fp32 student graph with and without onnxruntime's transformer fusions")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime intra-op and torch threads (default: the cores of this process's "
+                             "affinity, e.g. 1 under taskset -c 1)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "litedge-xl-speed")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    threads = set_threads(args.threads)
     rates = matmul_rates()
     rate = rates["ort"]
-    print(f"# {cpu_name()}; onnxruntime threads {os.environ.get('LITEDGE_THREADS') or 'all cores'}; "
+    print(f"# {cpu_name()}; pinned to cores {sorted(os.sched_getaffinity(0))}; onnxruntime and torch threads {threads}; "
           f"matmul 4096^3 fp32: ORT {rates['ort']:.0f} GFLOP/s, torch.mm {rates['torch']:.0f} GFLOP/s "
           f"(fractions below are of the ORT rate); load average {os.getloadavg()[0]:.1f}", flush=True)
     if args.fusion_ab:

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litedge.models.linear_attention import GridAware, linear_attention, merge_heads, relu_kernel, split_heads
+from litedge.models.linear_attention import (
+    GridAware, heads_channel_first, linear_attention, linear_attention_channels, merge_heads, relu_kernel, split_heads,
+)
 
 EtaMode = Literal["token-ratio", "exact"]
 
@@ -77,6 +79,13 @@ class SpatialCompressor(nn.Module):
         v = grid_to_tokens(self.v_down(tokens_to_grid(v, grid)))
         return k, v
 
+    def channels(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` left channel-first (as the convolutions write it): 2x (B, C, M)."""
+        b, _, c = x.shape
+        kv = tokens_to_grid(self.kv(x), grid)  # (B, 2C, H, W): one transpose for both
+        k, v = kv.chunk(2, dim=1)
+        return self.k_down(k).reshape(b, c, -1), self.v_down(v).reshape(b, c, -1)
+
 
 class EDiTAttention(GridAware):
     """EDiT linear compressed self-attention on (B, N, C) image tokens.
@@ -99,7 +108,8 @@ class EDiTAttention(GridAware):
         self.proj = nn.Linear(dim, dim)
 
     def project(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, N, C) -> kernelized q (B, h, N, d), kernelized k and v (B, h, M, d)."""
+        """(B, N, C) -> kernelized q (B, h, N, d), kernelized k and v (B, h, M, d) (the token-major
+        reference layout; :meth:`forward` computes the same channel-first)."""
         q = relu_kernel(self.q(self.fusion(x, grid)))
         k, v = self.compressor(x, grid)
         return split_heads(q, self.heads), split_heads(relu_kernel(k), self.heads), split_heads(v, self.heads)
@@ -107,8 +117,13 @@ class EDiTAttention(GridAware):
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int] | None = None, **_: object) -> torch.Tensor:
         """(B, N, C) tokens of an (H, W) latent grid -> (B, N, C); diffusers' extra kwargs are ignored."""
         grid = self._grid(hidden_states, grid)
-        q, k, v = self.project(hidden_states, grid)
-        return self.proj(merge_heads(linear_attention(q, k, v)))
+        b, n, c = hidden_states.shape
+        h, d = self.heads, self.head_dim
+        q_t = heads_channel_first(relu_kernel(self.q(self.fusion(hidden_states, grid))), h)  # (B, h, d, N)
+        k, v = self.compressor.channels(hidden_states, grid)  # (B, C, M): per head a free reshape
+        k_t, v_t = relu_kernel(k).reshape(b, h, d, -1), v.reshape(b, h, d, -1)
+        out = linear_attention_channels(q_t, k_t, v_t).reshape(b, c, n)  # (B, C, N)
+        return self.proj(out.transpose(1, 2))
 
 
 class MMEDiTJointAttention(GridAware):

@@ -52,6 +52,42 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     return out.to(dtype)
 
 
+def linear_attention_channels(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+                              eps: float = KERNEL_EPS) -> torch.Tensor:
+    """:func:`linear_attention` in the channel-first layout: the same numbers, fewer layout copies.
+
+    Tokens are the last axis, so a (B, C, N) tensor (what a convolution reads and writes) is
+    the per-head operand after a free reshape to (B, heads, d, N): no head split or merge
+    transposes, and the two 1/sqrt(M) scalings of the (B, heads, M, d) keys and values
+    become one factor M on the (B, heads, 1, N) normalizer.
+
+    Args:
+        q_t: (B, heads, d, N) queries, already passed through the kernel (non-negative).
+        k_t: (B, heads, d, M) keys, already passed through the kernel (non-negative).
+        v_t: (B, heads, dv, M) values.
+        eps: added to the normalizer ``q . mean_M(k)``.
+
+    Returns:
+        (B, heads, dv, N), the transpose of :func:`linear_attention`'s (B, heads, N, dv), in
+        the dtype of ``q_t``; the sums and the normalizer are fp32 whatever the input dtype.
+    """
+    dtype = q_t.dtype
+    with _fp32_region(q_t.device.type):
+        q_t, k_t, v_t = q_t.float(), k_t.float(), v_t.float()
+        m = k_t.shape[-1]
+        # 1 / (M (q . mean(k) + eps)), (B, h, 1, N): the 1/M of the key-value mean rides on the normalizer
+        z = 1.0 / ((k_t.mean(dim=-1).unsqueeze(-2) @ q_t + eps) * m)
+        vk = v_t @ k_t.transpose(-2, -1)  # (B, h, dv, d): the key-value sum (k^T v)^T
+        out = (vk @ q_t) * z  # (B, h, dv, N)
+    return out.to(dtype)
+
+
+def heads_channel_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads * d) tokens -> (B, heads, d, N): one transpose."""
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).permute(0, 2, 3, 1)
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, heads * d) -> (B, heads, N, d)."""
     b, n, c = x.shape
@@ -112,13 +148,15 @@ class LiTAttention(GridAware):
         self.proj = nn.Linear(dim, dim)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, N, C) -> kernelized q, k and raw v, each (B, heads, N, d)."""
+        """(B, N, C) -> kernelized q, k and raw v, each (B, heads, N, d) (the token-major
+        reference layout; :meth:`forward` computes the same in the channel-first one)."""
         k, v = self.kv(x).chunk(2, dim=-1)  # (B, N, C) each
         q = relu_kernel(self.q(x))
         return split_heads(q, self.heads), split_heads(relu_kernel(k), self.heads), split_heads(v, self.heads)
 
     def local_term(self, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The depthwise conv over V, shared by all heads: (B, heads, N, d) -> (B, N, C)."""
+        """The depthwise conv over V, shared by all heads: (B, heads, N, d) -> (B, N, C) (the
+        reference layout, as :meth:`project`)."""
         b, h, n, d = v.shape
         height, width = grid
         v = v.reshape(b * h, height, width, d).permute(0, 3, 1, 2)  # (B*h, d, H, W)
@@ -132,6 +170,12 @@ class LiTAttention(GridAware):
         ``encoder_hidden_states=None``) are accepted and ignored.
         """
         grid = self._grid(hidden_states, grid)
-        q, k, v = self.project(hidden_states)
-        out = merge_heads(linear_attention(q, k, v)) + self.local_term(v, grid)
-        return self.proj(out)
+        b, n, c = hidden_states.shape
+        k, v = self.kv(hidden_states).chunk(2, dim=-1)  # (B, N, C) each
+        q_t = heads_channel_first(relu_kernel(self.q(hidden_states)), self.heads)  # (B, h, d, N)
+        k_t = heads_channel_first(relu_kernel(k), self.heads)
+        v_t = heads_channel_first(v, self.heads)
+        # The conv reads V channel-first as it is: (B, h, d, N) is (B * h, d, H, W) after a reshape.
+        local = self.dwc(v_t.reshape(b * self.heads, self.head_dim, grid[0], grid[1])).reshape(b, c, n)
+        out = linear_attention_channels(q_t, k_t, v_t).reshape(b, c, n) + local  # (B, C, N), channels (head, d)
+        return self.proj(out.transpose(1, 2))
