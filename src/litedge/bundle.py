@@ -319,7 +319,8 @@ MAX_IMAGE_SIDE = 16384  # pixels
 
 @dataclass(frozen=True)
 class Field:
-    """What a manifest field may hold: ``kind`` "int", "number", "bool", "str", "strs", and a closed range."""
+    """What a manifest field may hold: ``kind`` "int", "number", "bool", "str", "strs", "ints" (a non-empty
+    list of integers, each in the range), and a closed range."""
 
     kind: str
     low: float | None = None
@@ -328,9 +329,11 @@ class Field:
 
     def describe(self) -> str:
         what = {"int": "an integer", "number": "a finite number", "bool": "true or false", "str": "a string",
-                "strs": "a list of strings"}[self.kind]
+                "strs": "a list of strings", "ints": "a non-empty list of integers"}[self.kind]
         if self.choices:
             return f"one of {', '.join(map(repr, self.choices))}"
+        if self.kind == "ints" and self.low is not None and self.high is not None:
+            return f"{what}, each in [{self.low:g}, {self.high:g}]"
         if self.low is not None and self.high is not None:
             return f"{what} in [{self.low:g}, {self.high:g}]"
         return what
@@ -342,6 +345,9 @@ class Field:
             return isinstance(value, str) and (not self.choices or value in self.choices)
         if self.kind == "strs":
             return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if self.kind == "ints":
+            item = Field("int", self.low, self.high)
+            return isinstance(value, list) and bool(value) and all(item.ok(v) for v in value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -364,6 +370,7 @@ MODEL_FIELDS: dict[str, Field] = {
     "num_classes": Field("int", 1, 1_000_000),
     "clip_max_length": Field("int", 1, MAX_TEXT_LENGTH),
     "joint_attention_dim": Field("int", 1, 65536),
+    "trained_sizes": Field("ints", 1, MAX_IMAGE_SIDE),  # square image sides (px) the model was trained at
 }
 TARGET_FIELDS: dict[str, Field] = {
     "name": Field("str"), "format": Field("str"), "providers": Field("strs"),

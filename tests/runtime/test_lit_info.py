@@ -122,7 +122,7 @@ def test_cpu_fp32_bundle(pixart_bundle, capsys):
     assert info["total_bytes"] == sum(c["bytes"] for c in comps.values())
     assert info["sizes"] == "dynamic" and info["target"]["name"] == "cpu" and comps["transformer"]["weights"] == "fp"
     assert comps["transformer"]["inputs"]["sample"] == "float32[batch, 4, height, width]"
-    assert info["native_size"] == "64x64" and info["trained_sizes"] is None
+    assert info["native_size"] == "64x64" and info["trained_sizes"] == [64]  # lit-export's default: the native size
     # the memory figure is the request check's own estimate at the default size
     from litedge.bundle import load_manifest
 
@@ -134,7 +134,7 @@ def test_cpu_fp32_bundle(pixart_bundle, capsys):
     code, out, err = _info([pixart_bundle], capsys)
     assert code == 0, err
     for text in ("pixart.litedge", "target      cpu: onnx, fp32 activations", "dynamic shapes", "transformer.onnx",
-                 "fidelity", "memory      ~", "defaults    "):
+                 "fidelity", "memory      ~", "defaults    ", "native size 64x64 px; trained at 64 px"):
         assert text in out, text
     code, out, _ = _info([pixart_bundle, "--json", "--verify"], capsys)
     assert code == 0 and json.loads(out) == json.loads(json.dumps(bundle_info(pixart_bundle, verify=True)))

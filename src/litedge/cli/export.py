@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep a layer (name or glob, e.g. 'proj_out') in full precision; repeatable")
     parser.add_argument("--sizes", type=_sizes, default=(),
                         help="image sizes in px for static-shape targets, e.g. 512,1024 (default: none; dynamic targets need none)")
+    parser.add_argument("--trained-sizes", type=_sizes, default=(), metavar="SIZES",
+                        help="image sizes in px the model was trained at, e.g. 256,512,1024, recorded in the manifest "
+                        "(lit-generate warns for sizes far from them; default: the transformer config's trained_sizes, "
+                        "else its native size sample_size x VAE factor)")
     parser.add_argument("--soc", help="snapdragon: SoC to compile for, e.g. sm8650 or sm8750")
     parser.add_argument("--hub", dest="hub_device", metavar="DEVICE",
                         help="snapdragon: also compile and profile on this Qualcomm AI Hub device (needs a qai-hub token)")
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             text_encoder_weights=args.text_encoder_weights,
             sizes=args.sizes, keep_fp=tuple(args.keep_fp), soc=args.soc, hub_device=args.hub_device, force=args.force,
             text_max_length=args.text_max_length, steps=args.steps, guidance_scale=args.guidance_scale,
-            teacher=args.teacher,
+            teacher=args.teacher, trained_sizes=args.trained_sizes,
         )
         report = export_bundle(cfg)
         for name, fid in report.fidelity.items():

@@ -1,6 +1,11 @@
 """lit-generate: images from a litedge bundle on this machine (torch-free).
 
     lit-generate "a red fox in the snow" --bundle fox.litedge --size 1024 --steps 20 -o fox.png
+
+Without --size/--height/--width it makes the bundle's default size, which lit-export sets to the
+model's native size (sample_size x VAE factor). A size far from every size the manifest records
+as ``trained_sizes`` (more than 2x the area away, :func:`litedge.runtime.info.trained_size_warning`)
+still runs, with one warning line naming the trained sizes.
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lit-generate", description="Generate images from a litedge bundle.")
     p.add_argument("prompt", nargs="?", default="", help="the text prompt (omit for class-conditional bundles)")
     p.add_argument("--bundle", type=Path, default=None,
-                   help="NAME.litedge directory made by lit-export (default: the shipped 64 px shapes demo model)")
-    p.add_argument("--height", type=int, help="image height in pixels (default: the bundle's)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the bundle's)")
-    p.add_argument("--size", type=int, help="square images of this many pixels (instead of --height/--width)")
+                   help="NAME.litedge directory made by lit-export (default: the shipped shapes demo model)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the bundle's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the bundle's native size)")
+    p.add_argument("--size", type=int, help="square images of this many pixels (instead of --height/--width); "
+                   "lit-info BUNDLE lists the sizes the model was trained at")
     p.add_argument("--steps", type=int, help="denoising steps (default: the bundle's, e.g. 20)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 disables (default: the bundle's)")
     p.add_argument("--negative", default="", help="negative prompt (default: empty)")

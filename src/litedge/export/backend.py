@@ -54,6 +54,7 @@ class BackendOptions:
     hub_device: str | None = None  # Qualcomm AI Hub device name
     text_max_length: int | None = None  # prompt tokens of static-shape text graphs (None: the base model's)
     text_encoder_weights: str | None = None  # "fp", "int4", "int8" for the text encoders; None: as ``weights``
+    vae_scale_factor: int = 8  # image px per latent px of the source's VAE (32 for a DC-AE): bucket latents
 
 
 class Backend(abc.ABC):
@@ -74,7 +75,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def vae_decoder(self, vae: nn.Module, writer: BundleWriter) -> None:
-        """Export ``AutoencoderKL``'s decoder as component ``vae_decoder`` (latent -> image in [-1, 1])."""
+        """Export the decoder of an ``AutoencoderKL`` or ``AutoencoderDC`` as component ``vae_decoder``
+        (latent -> image in [-1, 1], :class:`litedge.export.specs.VaeDecoderWrapper`)."""
 
     @abc.abstractmethod
     def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder") -> None:

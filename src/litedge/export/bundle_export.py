@@ -52,6 +52,10 @@ class ExportConfig:
             lit-generate uses when not told); None takes the base pipeline's (PixArt 20, 4.5).
         text_encoder_weights: "fp", "int4" or "int8" for the text encoders (e.g. fp for a
             higher-precision encoder than the transformer); None: as ``weights``.
+        trained_sizes: the square image sizes (px) the model was trained at, recorded as the
+            manifest's ``model.trained_sizes`` (lit-generate warns far from them); () takes the
+            transformer config's ``trained_sizes`` if it has one, else its native size
+            (sample_size x VAE factor).
     """
 
     out: Path
@@ -69,13 +73,41 @@ class ExportConfig:
     guidance_scale: float | None = None
     text_encoder_weights: str | None = None
     teacher: bool = False  # export the softmax teacher, attention in query chunks (rewrites.bound_attention_)
+    trained_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        _check_trained_sizes(self.trained_sizes, "--trained-sizes")
         if self.steps is not None and self.steps < 1:
             raise LitedgeError(f"--steps {self.steps}: expected a default step count >= 1")
         if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise LitedgeError(f"--guidance {self.guidance_scale}: expected a finite guidance scale >= 0")
         check_export_config(self)  # litedge.export.validate: output vs source, value bounds, --soc
+
+
+def _check_trained_sizes(sizes, where: str, multiple: int = 1) -> tuple[int, ...]:
+    """``sizes`` as a tuple of image sides in px, each in [1, MAX_IMAGE_SIDE] and a multiple of ``multiple``."""
+    from litedge.bundle import MAX_IMAGE_SIDE
+
+    if not isinstance(sizes, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        raise LitedgeError(f"{where} {sizes!r}: expected a list of image sizes in pixels, e.g. [256, 512, 1024]")
+    bad = [s for s in sizes if not 0 < s <= MAX_IMAGE_SIDE or s % multiple]
+    if bad:
+        raise LitedgeError(f"{where} {','.join(map(str, bad))}: trained sizes must be positive multiples of {multiple} "
+                           f"(VAE factor x patch size) up to {MAX_IMAGE_SIDE} px")
+    return tuple(sorted(set(sizes)))
+
+
+def _trained_sizes(cfg: ExportConfig, loaded, factor: int) -> list[int]:
+    """What the manifest records as ``trained_sizes``: --trained-sizes, else the transformer config's
+    ``trained_sizes``, else the native size (sample_size x VAE factor ``factor``)."""
+    config = loaded.transformer.config
+    multiple = factor * int(config.patch_size)
+    if cfg.trained_sizes:
+        return list(_check_trained_sizes(cfg.trained_sizes, "--trained-sizes", multiple))
+    declared = config.get("trained_sizes")  # diffusers keeps the unknown keys of a config.json in .config
+    if declared is not None:
+        return list(_check_trained_sizes(declared, "transformer/config.json trained_sizes", multiple))
+    return [int(config.sample_size) * factor]
 
 
 def _load(cfg: ExportConfig, workdir: Path):
@@ -132,14 +164,41 @@ def _open_vae(loaded):
     if vae_dir is None:
         stage("no vae/ in the source: the bundle holds the transformer only (enough for lit-profile)")
         return None, None
-    from diffusers import AutoencoderKL
+    import diffusers
 
+    from litedge.export.specs import vae_class_name
     from litedge.models.weights import SafetensorsWeights, empty_weights, placeholder_parameters
 
+    config = _json(vae_dir / "config.json")
+    cls = getattr(diffusers, vae_class_name(config))  # AutoencoderKL or AutoencoderDC (SANA's DC-AE)
     weights = SafetensorsWeights(vae_dir)
     with empty_weights():
-        vae = AutoencoderKL.from_config(_json(vae_dir / "config.json"))
+        vae = cls.from_config(config)
     return placeholder_parameters(vae).eval(), weights
+
+
+def _source_vae_factor(cfg: ExportConfig) -> int:
+    """The VAE factor of the source's vae/config.json, read before anything is loaded (8 without one:
+    random-weight configs build 8x AutoencoderKLs; a lone transformer is exported as for an 8x VAE)."""
+    from litedge.export.specs import vae_scale_factor
+
+    config = Path(cfg.source) / "vae" / "config.json" if cfg.source is not None else None
+    if config is None or not (Path(cfg.source) / "model_index.json").is_file() or not config.is_file():
+        return 8
+    return vae_scale_factor(_json(config))
+
+
+def _check_vae_latents(loaded) -> None:
+    """The VAE's latent channels must be the transformer's input channels (read from vae/config.json)."""
+    from litedge.export.specs import vae_latent_channels
+
+    vae_dir = _pipeline_part(loaded, "vae")
+    if vae_dir is None:
+        return
+    channels, latent = vae_latent_channels(_json(vae_dir / "config.json")), int(loaded.transformer.config.in_channels)
+    if channels != latent:
+        raise LitedgeError(f"{vae_dir}: the VAE has {channels} latent channels but the transformer takes {latent} "
+                           "(in_channels): export a transformer trained on this VAE's latents")
 
 
 def _json(path: Path) -> dict:
@@ -245,16 +304,19 @@ def _scheduler(loaded) -> dict:
 
 
 def _model_section(loaded, vae, text_max_length: int) -> dict:
+    from litedge.export.specs import vae_scale_factor
+
     cfg = loaded.transformer.config
     base = BASE_DEFAULTS[loaded.kind]
     latent = int(cfg.in_channels)
+    vae_config = None if vae is None else dict(vae.config, _class_name=type(vae).__name__)
     section = {
         "family": loaded.family, "task": base["task"], "base": base["base"],
         "latent_channels": latent, "patch_size": int(cfg.patch_size), "sample_size": int(cfg.sample_size),
         "prediction_type": "flow" if loaded.kind == "sd3" else "epsilon",
         "learned_sigma": int(cfg.out_channels or latent) == 2 * latent,
         "text_max_length": text_max_length,
-        "vae_scale_factor": 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1),
+        "vae_scale_factor": 8 if vae_config is None else vae_scale_factor(vae_config),
     }
     if vae is not None:
         section["vae_scaling_factor"] = float(vae.config.scaling_factor)
@@ -289,7 +351,7 @@ def export_bundle(cfg: ExportConfig) -> ExportReport:
     text_weights = target.check_weights(cfg.text_encoder_weights) if cfg.text_encoder_weights else None
     options = BackendOptions(weights=target.check_weights(cfg.weights), sizes=cfg.sizes, keep_fp=cfg.keep_fp,
                              soc=cfg.soc, hub_device=cfg.hub_device, text_max_length=cfg.text_max_length,
-                             text_encoder_weights=text_weights)
+                             text_encoder_weights=text_weights, vae_scale_factor=_source_vae_factor(cfg))
     report = ExportReport(path=Path(cfg.out))
     backend = load_backend(target, options, report)
     writer = BundleWriter(cfg.out, force=cfg.force)
@@ -327,12 +389,12 @@ def _resources_as_errors(out: Path):
         raise
 
 
-def _check_sizes(sizes: tuple[int, ...], patch_size: int) -> None:
-    multiple = 8 * int(patch_size)
+def _check_sizes(sizes: tuple[int, ...], patch_size: int, factor: int = 8) -> None:
+    multiple = factor * int(patch_size)
     bad = [s for s in sizes if s <= 0 or s % multiple]
     if bad:
         raise LitedgeError(f"--sizes {','.join(map(str, bad))}: image sizes must be positive multiples of {multiple} "
-                           "(VAE factor 8 x patch size)")
+                           f"(VAE factor {factor} x patch size)")
 
 
 def _export(cfg, target, options, report, backend, writer, workdir: Path) -> ExportReport:
@@ -341,7 +403,9 @@ def _export(cfg, target, options, report, backend, writer, workdir: Path) -> Exp
 
         _check_sizes(cfg.sizes, get_config(cfg.config_name).teacher_config["patch_size"])
     loaded = _load(cfg, workdir)
-    _check_sizes(cfg.sizes, loaded.transformer.config.patch_size)
+    _check_sizes(cfg.sizes, loaded.transformer.config.patch_size, options.vae_scale_factor)
+    trained_sizes = _trained_sizes(cfg, loaded, options.vae_scale_factor)  # refused before any export work
+    _check_vae_latents(loaded)
     base = BASE_DEFAULTS[loaded.kind]
     with writer:
         transformer, kwargs = _component(backend, "transformer", loaded.transformer, loaded.weights)
@@ -355,8 +419,11 @@ def _export(cfg, target, options, report, backend, writer, workdir: Path) -> Exp
         tokenizer = _export_text_encoders(loaded, backend, writer)
         backend.finish(writer)
         model_section = _model_section(loaded, vae, cfg.text_max_length or base["text_max_length"])
-        # The model's native resolution: latent sample_size x the VAE's own factor (f4 demo VAE, f8 usual).
-        size = cfg.sizes[0] if cfg.sizes else model_section["sample_size"] * model_section["vae_scale_factor"]
+        model_section["trained_sizes"] = trained_sizes
+        # The model's native resolution: latent sample_size x the VAE's own factor (f8 usual, f32 DC-AE);
+        # a static bundle without a graph at that size defaults to its first --sizes bucket.
+        native = model_section["sample_size"] * model_section["vae_scale_factor"]
+        size = cfg.sizes[0] if cfg.sizes and native not in cfg.sizes else native
         writer.set(
             model=model_section,
             target={"name": target.name, "format": target.format, "providers": list(target.providers),

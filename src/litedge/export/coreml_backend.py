@@ -367,7 +367,7 @@ class CoreMLBackend(Backend):
 
     def __init__(self, target, options, report) -> None:
         super().__init__(target, options, report)
-        self.buckets = buckets(options.sizes)  # refuse a missing --sizes before any model is loaded
+        self.buckets = buckets(options.sizes, options.vae_scale_factor)  # refuse a missing --sizes before any model is loaded
         self.text_length = options.text_max_length or BASE_DEFAULTS["pixart"]["text_max_length"]
 
     def transformer(self, model: nn.Module, writer: BundleWriter) -> None:

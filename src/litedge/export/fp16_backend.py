@@ -466,10 +466,11 @@ class Bucket:
     """One static shape: image (height, width) in pixels and its latent size."""
 
     image: tuple[int, int]
+    factor: int = VAE_SCALE_FACTOR  # the VAE's (BackendOptions.vae_scale_factor)
 
     @property
     def latent(self) -> tuple[int, int]:
-        return self.image[0] // VAE_SCALE_FACTOR, self.image[1] // VAE_SCALE_FACTOR
+        return self.image[0] // self.factor, self.image[1] // self.factor
 
     @property
     def key(self) -> str:
@@ -610,11 +611,12 @@ class DirectMLBackend(CudaBackend):
         super().__init__(target, options, report)
         if not options.sizes:
             raise LitedgeError("directml needs static shapes: pass --sizes 512,1024 (image sizes in pixels)")
-        bad = [s for s in options.sizes if s <= 0 or s % VAE_SCALE_FACTOR]
+        factor = options.vae_scale_factor
+        bad = [s for s in options.sizes if s <= 0 or s % factor]
         if bad:
             raise LitedgeError(f"--sizes {','.join(map(str, bad))}: image sizes must be positive multiples of "
-                               f"{VAE_SCALE_FACTOR}")
-        self.buckets = [Bucket((s, s)) for s in dict.fromkeys(options.sizes)]
+                               f"{factor}")
+        self.buckets = [Bucket((s, s), factor) for s in dict.fromkeys(options.sizes)]
         self.text_length = options.text_max_length or STATIC_TEXT_LENGTH["pixart"]
 
     def transformer(self, model: nn.Module, writer: BundleWriter) -> None:

@@ -63,9 +63,12 @@ class OnnxBackend(Backend):
 
     def vae_decoder(self, vae: nn.Module, writer: BundleWriter, weights: WeightSource | None = None) -> None:
         stage("vae_decoder: export to ONNX, parity check (fp32: its convolutions stay full precision)")
+        wrapper = VaeDecoderWrapper(vae)
+        side = 16 if wrapper.scale_factor <= 8 else max(4, 128 // wrapper.scale_factor)  # latent px (f32: 128 px)
         result = export_streamed(
-            "vae_decoder", VaeDecoderWrapper(vae), weights or ModuleWeights(vae), writer.path / "vae_decoder.onnx",
-            trace=SampleSize(1, 16, 16), check_sizes=[SampleSize(1, 16, 16), SampleSize(2, 16, 24)], opset=self.target.opset,
+            "vae_decoder", wrapper, weights or ModuleWeights(vae), writer.path / "vae_decoder.onnx",
+            trace=SampleSize(1, side, side), check_sizes=[SampleSize(1, side, side), SampleSize(2, side, side + side // 2)],
+            opset=self.target.opset,
         )
         self._record("vae_decoder", result, WeightFormat())
         self._add(writer, "vae_decoder", result, {"weights": "fp", **result.metadata, **self.support_meta})

@@ -188,7 +188,7 @@ class QnnBackend(OnnxBackend):
         work: list[_Bucket] = []
         for px in self.sizes:
             tag = f"{px}x{px}"
-            latent = (px // VAE_FACTOR, px // VAE_FACTOR)
+            latent = (px // self.options.vae_scale_factor, px // self.options.vae_scale_factor)
             stage(f"transformer {tag}: static fp32 ONNX (batch {BATCH}, latent {latent[0]}x{latent[1]}, "
                   f"text {text_length}), parity check")
             result = export_transformer(model, self._tmp(f"{tag}.fp32.onnx"), opset=self.target.opset, dynamic=False,

@@ -28,6 +28,7 @@ CLIPTextModelWithProjection  input_ids (B,L) i64 -> hidden_states (B,L,D) (the p
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -278,6 +279,70 @@ def transformer_wrapper(model: nn.Module) -> TransformerWrapper:
 # ----------------------------------------------------------------------------- VAE decoder
 
 
+# The diffusers VAE classes a bundle's vae_decoder is exported from, by ``_class_name``.
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC")
+
+
+def vae_class_name(config) -> str:
+    """``config``'s VAE class (a vae/config.json dict or a diffusers config): one of :data:`VAE_CLASSES`.
+
+    ``_class_name`` decides; a config without one is an AutoencoderKL if it has
+    ``block_out_channels``, an AutoencoderDC if it has ``decoder_block_out_channels``.
+
+    Raises:
+        LitedgeError: any other class (one line naming the supported ones).
+    """
+    name = config.get("_class_name")
+    if name is None:
+        name = "AutoencoderDC" if "decoder_block_out_channels" in config else "AutoencoderKL"
+    if name not in VAE_CLASSES:
+        raise LitedgeError(f"vae/config.json names a {name}: litedge exports the VAE decoder of a diffusers "
+                           f"{' or '.join(VAE_CLASSES)}; convert the VAE or export without vae/")
+    return name
+
+
+def vae_scale_factor(config) -> int:
+    """Image pixels per latent pixel of a VAE config: 2 ** (decoder stages - 1).
+
+    AutoencoderKL: ``block_out_channels`` (SD/SDXL/SD3: 4 stages -> 8); AutoencoderDC:
+    ``decoder_block_out_channels`` (SANA's DC-AE: 6 stages -> 32).
+    """
+    key = "decoder_block_out_channels" if vae_class_name(config) == "AutoencoderDC" else "block_out_channels"
+    stages = config.get(key)
+    if not isinstance(stages, (list, tuple)) or not stages:
+        raise LitedgeError(f"vae/config.json has no {key} list: expected the decoder's channels per stage")
+    return 2 ** (len(stages) - 1)
+
+
+def vae_latent_channels(config) -> int:
+    """Latent channels of a VAE config (``latent_channels``; diffusers' defaults: KL 4, DC 32)."""
+    default = 32 if vae_class_name(config) == "AutoencoderDC" else 4
+    return int(config.get("latent_channels", default))
+
+
+@contextlib.contextmanager
+def _nonnegative_movedim():
+    """``Tensor.movedim`` with its dims made non-negative while tracing.
+
+    AutoencoderDC applies RMSNorm channels-last (``x.movedim(1, -1)``, ``.movedim(-1, 1)``);
+    torch's legacy ONNX exporter writes ``movedim(-1, 1)`` as a Transpose with ``perm
+    [0, -1, 1, 2]``, which onnxruntime refuses. ``movedim(3, 1)`` is the same operation.
+    """
+    original = torch.Tensor.movedim
+
+    def movedim(self, source, destination):
+        def fix(d):
+            return d % self.dim() if isinstance(d, int) else type(d)(i % self.dim() for i in d)
+
+        return original(self, fix(source), fix(destination))
+
+    torch.Tensor.movedim = movedim
+    try:
+        yield
+    finally:
+        torch.Tensor.movedim = original
+
+
 class VaeDecoderWrapper(nn.Module):
     """``latent -> image``: undoes the latent scaling in-graph, decodes, clamps to [-1, 1].
 
@@ -285,15 +350,21 @@ class VaeDecoderWrapper(nn.Module):
     applies ``z = latent / scaling_factor + shift_factor`` (or, for VAEs with per-channel
     ``latents_mean``/``latents_std``, ``z = latent * std / scaling_factor + mean``) inside,
     like diffusers' pipelines do before ``vae.decode``. Tiling and slicing are bypassed.
+
+    AutoencoderKL: ``post_quant_conv`` (when present) then ``decoder``. AutoencoderDC (SANA's
+    deep-compression autoencoder): ``z = latent / scaling_factor`` then ``decoder`` (its
+    ``decode(z).sample``); factor ``2 ** (len(decoder_block_out_channels) - 1)``, 32 for SANA's.
     """
 
     def __init__(self, vae: nn.Module) -> None:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderDC, AutoencoderKL
 
-        if not isinstance(vae, AutoencoderKL):
-            raise LitedgeError(f"cannot export a {type(vae).__name__} as a VAE decoder: expected a diffusers AutoencoderKL")
+        if not isinstance(vae, (AutoencoderKL, AutoencoderDC)):
+            raise LitedgeError(f"cannot export a {type(vae).__name__} as a VAE decoder: expected a diffusers "
+                               f"{' or '.join(VAE_CLASSES)}")
         super().__init__()
         self.vae = vae
+        self.kind = "dc" if isinstance(vae, AutoencoderDC) else "kl"
         cfg = vae.config
         channels = int(cfg.latent_channels)
         scaling = float(cfg.scaling_factor)
@@ -306,19 +377,23 @@ class VaeDecoderWrapper(nn.Module):
             scale = torch.full((1, channels, 1, 1), 1.0 / scaling)
         self.register_buffer("latent_scale", scale)  # (1, C, 1, 1)
         self.register_buffer("latent_shift", mean)  # (1, C, 1, 1)
-        self.scale_factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scale_factor = vae_scale_factor(dict(cfg, _class_name=type(vae).__name__))
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) scaled latent -> (B, 3, h * f, w * f) image in [-1, 1], f = vae_scale_factor."""
         z = latent * self.latent_scale + self.latent_shift
+        if self.kind == "dc":
+            with _nonnegative_movedim():
+                return self.vae.decoder(z).clamp(-1.0, 1.0)
         if self.vae.post_quant_conv is not None:
             z = self.vae.post_quant_conv(z)
         return self.vae.decoder(z).clamp(-1.0, 1.0)
 
     def spec(self) -> ComponentSpec:
         cfg = self.vae.config
+        image_channels = int(getattr(cfg, "out_channels", None) or cfg.in_channels)  # a DC-AE decodes to in_channels
         latent = TensorSpec("latent", "float32", ("batch", int(cfg.latent_channels), "height", "width"))
-        image = TensorSpec("image", "float32", ("batch", int(cfg.out_channels), "image_height", "image_width"))
+        image = TensorSpec("image", "float32", ("batch", image_channels, "image_height", "image_width"))
         return ComponentSpec((latent,), (image,))
 
     def sample_inputs(self, size: SampleSize, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -330,6 +405,7 @@ class VaeDecoderWrapper(nn.Module):
         cfg = self.vae.config
         return {
             "latent_scaling": "in-graph",  # feed the loop's final latent as is
+            "vae_class": type(self.vae).__name__,
             "scaling_factor": float(cfg.scaling_factor),
             "shift_factor": float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0,
             "per_channel_latents_stats": getattr(cfg, "latents_mean", None) is not None,

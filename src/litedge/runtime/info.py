@@ -22,7 +22,11 @@ from typing import Any
 from litedge.bundle import Component, Manifest, load_manifest, resolve_path, verify_bundle
 from litedge.errors import LitedgeError
 from litedge.runtime.memory import Model, Shape, estimate_bytes
-from litedge.runtime.vae import TILE
+from litedge.runtime.vae import default_tiling
+
+# A request is "far" from a model's trained sizes when its area is more than this factor above or
+# below the area of the nearest one (side s -> s * s): 2048 px is 4x 1024 px's area, 1448 px 2x.
+TRAINED_AREA_RATIO = 2.0
 
 # component meta keys worth showing, as (key, label); everything else stays in --json
 _META = (("kind", "kind"), ("precision", "precision"), ("weights", "weights"), ("compute_precision", "compute"),
@@ -87,9 +91,34 @@ def memory_estimate(manifest: Manifest, bundle_dir: Path, height: int, width: in
     ``width`` pixels, ``batch`` images (:func:`litedge.runtime.memory.estimate_bytes`)."""
     model = Model.of(manifest, bundle_dir)
     static_vae = bool(manifest.components.get("vae_decoder") and manifest.components["vae_decoder"].meta.get("buckets"))
-    total = estimate_bytes(model, Shape(height, width, batch, guided, vae_tile=None if static_vae else TILE))
+    tile = default_tiling(model.factor)[0]  # what the Pipeline decodes with
+    total = estimate_bytes(model, Shape(height, width, batch, guided, vae_tile=None if static_vae else tile))
     return {"estimate_bytes": int(total), "weights_bytes": int(model.weights),
             "at": {"height": height, "width": width, "batch": batch, "guided": guided}}
+
+
+def trained_sizes(model: dict[str, Any]) -> list[int]:
+    """The square image sizes (px) a manifest's ``model`` section says the model was trained at; [] if none."""
+    sizes = model.get("trained_sizes")
+    return [int(s) for s in sizes] if isinstance(sizes, list) else []
+
+
+def trained_size_warning(model: dict[str, Any], height: int, width: int) -> str | None:
+    """One line when ``height`` x ``width`` px is far from every trained size, else None.
+
+    Far: the requested area is more than :data:`TRAINED_AREA_RATIO` (2x) larger or smaller
+    than the area of the nearest trained size (a trained size ``s`` is ``s`` x ``s``). A
+    manifest without ``trained_sizes`` never warns.
+    """
+    sizes = trained_sizes(model)
+    if not sizes:
+        return None
+    area = height * width
+    nearest = min(max(area, s * s) / min(area, s * s) for s in sizes)
+    if nearest <= TRAINED_AREA_RATIO:
+        return None
+    return (f"{height}x{width} px is far from the sizes this model was trained at ({', '.join(map(str, sizes))} px): "
+            "expect repeated or broken content; use a size within 2x the area of one of those for its best images")
 
 
 def bundle_info(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
@@ -153,7 +182,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("model       " + ", ".join(map(str, model)))
     native = info["native_size"] or "?"
     trained = info["trained_sizes"]
-    lines.append(f"native size {native} px" + (f"; trained at {', '.join(map(str, trained))}" if trained else
+    lines.append(f"native size {native} px" + (f"; trained at {', '.join(map(str, trained))} px" if trained else
                                               " (trained sizes not recorded)"))
     target = f"{t.get('name', '?')}: {t.get('format', '?')}, {t.get('precision', '?')} activations, " \
              f"{t.get('weights', '?')} weights"

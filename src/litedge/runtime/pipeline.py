@@ -57,10 +57,11 @@ from litedge.runtime.conditioning import CONDITIONERS, Conditioner, TextConditio
 from litedge.runtime.conditioning import is_int as _is_int
 from litedge.runtime.devices import Device, resolve_device
 from litedge.runtime.image import to_pil
+from litedge.runtime.info import trained_size_warning
 from litedge.runtime.memory import check_request, check_text
 from litedge.runtime.schedulers import Scheduler, scheduler_from_config, split_learned_sigma
 from litedge.runtime.session import ComponentSession
-from litedge.runtime.vae import OVERLAP, TILE, decode_latents
+from litedge.runtime.vae import decode_latents, default_tiling
 
 log = logging.getLogger("litedge.runtime")
 TEXT_CACHE_SIZE = 8  # prompt encodings kept between calls (the negative prompt "" above all)
@@ -144,11 +145,12 @@ class Pipeline:
         self.learned_sigma = bool(model.get("learned_sigma", False))
         self.kind = self._kind()
         self.conditioner: Conditioner = CONDITIONERS[self.kind](self)
-        self.vae_tile, self.vae_overlap = TILE, OVERLAP  # latent pixels; vae_tile = 0 never tiles
+        self.vae_tile, self.vae_overlap = default_tiling(self.vae_factor)  # latent pixels; vae_tile = 0 never tiles
         self._sessions: dict[str, ComponentSession] = {}
         self._text_cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self._text_keep = 0  # encodings the current call still needs (never evicted before it ends)
         self._interrupt = False
+        self._size_warnings: set[str] = set()  # trained-size warnings already logged (once per size)
         needed = ["transformer", "vae_decoder", *self.conditioner.required]
         missing = [n for n in needed if n not in manifest.components]
         if missing:
@@ -465,6 +467,10 @@ class Pipeline:
         req = self._request(prompt, negative_prompt, height, width, steps, guidance_scale,
                             0 if generator is None else generator, 1 if per_prompt is None else per_prompt,
                             scheduler, class_id, null_caption)
+        warning = trained_size_warning(self.manifest.model, req.height, req.width)
+        if warning is not None and warning not in self._size_warnings:
+            self._size_warnings.add(warning)
+            log.warning(warning)
         sched = self._scheduler(req.scheduler)
         sched.set_timesteps(req.steps)
         gens = _generators(0 if generator is None else generator)

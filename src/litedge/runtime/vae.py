@@ -2,14 +2,29 @@
 
 A VAE decoder's activations grow with the image (an SDXL-class VAE needs ~16 GB at 2048 px
 untiled, docs/design.md). Latents larger than ``tile`` on a side are cut into ``tile`` x ``tile``
-tiles that overlap by ``overlap`` latent pixels; each is decoded alone and the overlaps
-are cross-faded with linear ramps, so peak memory is that of one tile. Below ``tile`` the
-latent is decoded in one run, exactly.
+tiles that overlap by at least ``overlap`` latent pixels; each is decoded alone. Below ``tile``
+the latent is decoded in one run, exactly.
+
+Blending: a tile's pixels near its own border are the wrong ones (the decoder's convolutions
+see zero padding there instead of the neighbour's latent), so in each shared overlap the outer
+quarter on either side is dropped and the tiles are cross-faded with a linear ramp over the
+middle half. A decoder whose receptive field reaches less than a quarter of the overlap
+(plus half the fade) therefore comes out exactly as untiled; GroupNorm or attention over a
+tile (AutoencoderKL) still leaves small differences, as in diffusers' tiled VAE.
+
+Tile sizes are latent pixels, so their size in pixels scales with the VAE factor ``f``
+(:func:`default_tiling`): up to f8, 64-latent tiles overlapping by 16 (512 px tiles at f8);
+from f16 (deep-compression autoencoders, SANA's DC-AE is f32), 32-latent tiles overlapping by
+16 (1024 px tiles, 512 px overlap at f32), because one latent pixel there spans 32 px of the
+decoder's context: a 2048 px image is 3 x 3 tiles, 2.25x the decoder work of one pass. On a
+ResBlock-only f32 DC-AE (tests/runtime/test_dc_vae_tiling.py) tiled matches untiled to
+< 1/255.
 
 The decoder graph (``litedge.export``) undoes the latent scaling itself and returns images
 in [-1, 1]::
 
-    image = decode_latents(lambda z: session.run(latent=z), latents, scale_factor=8)
+    tile, overlap = default_tiling(32)
+    image = decode_latents(lambda z: session.run(latent=z), latents, 32, tile, overlap)
 """
 
 from __future__ import annotations
@@ -22,6 +37,13 @@ import numpy as np
 
 TILE = 64  # latent pixels (512 px with an 8x VAE)
 OVERLAP = 16
+DEEP_TILE = 32  # latent pixels for VAE factors >= 16 (1024 px with a 32x DC-AE)
+DEEP_OVERLAP = 16
+
+
+def default_tiling(scale_factor: int) -> tuple[int, int]:
+    """(tile, overlap) in latent pixels for a VAE of ``scale_factor`` image px per latent px."""
+    return (TILE, OVERLAP) if scale_factor <= 8 else (DEEP_TILE, DEEP_OVERLAP)
 
 
 def _spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -34,13 +56,26 @@ def _spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     return [(round(i * (size - length) / (n - 1)), length) for i in range(n)]
 
 
+def _fade(n: int) -> np.ndarray:
+    """(n,) rising weights over a shared overlap of ``n`` samples: 0 over its first quarter,
+    a linear ramp over the middle half, 1 over the last quarter. ``_fade(n)`` of the tile that
+    starts there plus ``_fade(n)[::-1]`` of the tile that ends there is 1 everywhere."""
+    trim = n // 4
+    band = n - 2 * trim
+    w = np.zeros(n, dtype=np.float32)
+    w[trim:trim + band] = (np.arange(band, dtype=np.float32) + 0.5) / band
+    w[trim + band:] = 1.0
+    return w
+
+
 def _ramp(length: int, fade_in: int, fade_out: int) -> np.ndarray:
-    """(length,) weights: rising over ``fade_in`` samples, 1 in the middle, falling over ``fade_out``."""
+    """(length,) weights of one tile: :func:`_fade` over the ``fade_in`` samples it shares with the
+    previous tile, 1 in the middle, the mirrored fade over the ``fade_out`` it shares with the next."""
     w = np.ones(length, dtype=np.float32)
     if fade_in:
-        w[:fade_in] = (np.arange(fade_in, dtype=np.float32) + 0.5) / fade_in
+        w[:fade_in] = _fade(fade_in)
     if fade_out:
-        w[length - fade_out:] = np.minimum(w[length - fade_out:], (np.arange(fade_out, 0, -1, dtype=np.float32) - 0.5) / fade_out)
+        w[length - fade_out:] = np.minimum(w[length - fade_out:], _fade(fade_out)[::-1])
     return w
 
 
@@ -48,7 +83,8 @@ def decode_latents(decode: Callable[[np.ndarray], np.ndarray], latents: np.ndarr
                    tile: int = TILE, overlap: int = OVERLAP) -> np.ndarray:
     """Decode (B, C, h, w) latents to (B, 3, h*f, w*f) float32 images in [-1, 1], f = ``scale_factor``.
 
-    ``decode`` runs the VAE decoder on one (B, C, th, tw) latent. ``tile <= 0`` never tiles.
+    ``decode`` runs the VAE decoder on one (B, C, th, tw) latent. ``tile`` and ``overlap`` are
+    latent pixels (:func:`default_tiling` gives the defaults per factor); ``tile <= 0`` never tiles.
     """
     B, _, h, w = latents.shape
     if tile <= 0 or (h <= tile and w <= tile):
