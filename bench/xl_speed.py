@@ -54,7 +54,8 @@ def cpu_name() -> str:
 
 def matmul_rates(n: int = 4096) -> dict[str, float]:
     """fp32 GFLOP/s of one n^3 matmul, best of 3: onnxruntime's MatMul (the kernels the bundles
-    run) and torch.mm."""
+    run) and torch.mm, per wall second (``ort``, ``torch``) and per CPU second of this process
+    (``ort_cpu``, ``torch_cpu``: what one pinned thread does when the core is shared)."""
     import onnx
     import onnxruntime as ort
     import torch
@@ -74,8 +75,9 @@ def matmul_rates(n: int = 4096) -> dict[str, float]:
     rates = {}
     for name, fn in (("ort", lambda: session.run(None, {"a": a, "b": b})), ("torch", lambda: torch.mm(ta, tb))):
         fn()
-        best = min(_seconds(fn) for _ in range(3))
-        rates[name] = 2 * n**3 / best / 1e9
+        runs = [_seconds(fn, cpu=True) for _ in range(3)]
+        rates[name] = 2 * n**3 / min(r[0] for r in runs) / 1e9
+        rates[f"{name}_cpu"] = 2 * n**3 / min(r[1] for r in runs) / 1e9
     return rates
 
 
@@ -94,10 +96,12 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
+def _seconds(fn, cpu: bool = False):
+    """Wall seconds of ``fn()``; with ``cpu``, (wall, this process's CPU seconds)."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return (wall, time.process_time() - start_cpu) if cpu else wall
 
 
 def step_flops(layers: int, size: int, *, teacher: bool, width: int = 1152, student_heads: int = 2,
@@ -158,19 +162,20 @@ def bundle(work: Path, layers: int, weights: str, teacher: bool, *, target: str 
 def measure(path: Path, size: int, repeat: int, ops: bool) -> dict:
     prof = profile_bundle(path, [(size, size)], repeat=repeat, steps=1, device="cpu", ops=ops).sizes[0]
     step = prof.components["transformer_step"]
-    return {"median": step.median, "min": step.min, "max": step.max, "rss_gb": prof.peak_rss_mb / 1024,
-            "ops": prof.op_stats}
+    return {"median": step.median, "min": step.min, "max": step.max, "cpu": step.cpu,
+            "rss_gb": prof.peak_rss_mb / 1024, "ops": prof.op_stats}
 
 
 def _row(label: str, size: int, r: dict, flops: float, rate: float) -> str:
-    achieved = flops / r["median"] / 1e9
-    return (f"| {label} | {size} | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {flops / 1e12:.2f} | "
-            f"{achieved:.0f} | {achieved / rate:.0%} | {r['rss_gb']:.1f} |")
+    achieved = flops / r["cpu"] / 1e9
+    return (f"| {label} | {size} | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {r['cpu']:.2f} | "
+            f"{flops / 1e12:.2f} | {achieved:.0f} | {achieved / rate:.0%} | {r['rss_gb']:.1f} |")
 
 
 def speed_table(args, work: Path, rate: float) -> None:
-    print("\n| model | px | step s, median (min-max) | TFLOP | GFLOP/s | of matmul rate | peak RSS GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | px | step s wall, median (min-max) | step CPU s | TFLOP | GFLOP/s (CPU) | of matmul rate | "
+          "peak RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     ratios = []
     for weights in args.weights:
         for size in args.sizes:
@@ -181,38 +186,49 @@ def speed_table(args, work: Path, rate: float) -> None:
                 teacher = measure(bundle(work, args.layers, weights, True), size, args.repeat, False)
                 ft = step_flops(args.layers, size, teacher=True)
                 print(_row(f"softmax teacher {args.layers}L {weights}", size, teacher, ft, rate), flush=True)
-                ratios.append((weights, size, teacher["median"] / student["median"], ft / fs))
+                ratios.append((weights, size, teacher["cpu"] / student["cpu"], teacher["median"] / student["median"],
+                               ft / fs))
             for layers in args.student_layers:
                 full = measure(bundle(work, layers, weights, False), size, args.repeat, False)
                 print(_row(f"LiT student {layers}L {weights}", size, full, step_flops(layers, size, teacher=False),
                            rate), flush=True)
     if ratios:
-        print("\n| weights | px | teacher / student, measured | FLOP ratio | measured / FLOP ratio |")
+        print("\n| weights | px | teacher / student, CPU s (wall) | FLOP ratio | measured / FLOP ratio |")
         print("| --- | --- | --- | --- | --- |")
-        for weights, size, measured, flop in ratios:
-            print(f"| {weights} | {size} | {measured:.2f} | {flop:.2f} | {measured / flop:.2f} |")
+        for weights, size, measured, wall, flop in ratios:
+            print(f"| {weights} | {size} | {measured:.2f} ({wall:.2f}) | {flop:.2f} | {measured / flop:.2f} |")
 
 
 def layer_scan(args, work: Path, rate: float) -> None:
     for size in args.sizes:
         steps = {}
-        print(f"\n| student layers ({size} px, fp32) | step s, median (min-max) | of matmul rate | arena MB |")
-        print("| --- | --- | --- | --- |")
+        print(f"\n| student layers ({size} px, fp32) | step s wall, median (min-max) | step CPU s | of matmul rate | "
+              "arena MB |")
+        print("| --- | --- | --- | --- | --- |")
         for layers in args.layer_scan:
-            r = measure(bundle(work, layers, "fp", False), size, args.repeat, True)
+            ops = args.ops_layers is None or layers <= args.ops_layers
+            r = measure(bundle(work, layers, "fp", False), size, args.repeat, ops)
             steps[layers] = r
-            achieved = step_flops(layers, size, teacher=False) / r["median"] / 1e9
-            print(f"| {layers} | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {achieved / rate:.0%} | "
-                  f"{r['ops']['arena_mb']:.0f} |", flush=True)
+            achieved = step_flops(layers, size, teacher=False) / r["cpu"] / 1e9
+            arena = f"{r['ops']['arena_mb']:.0f}" if r["ops"] else "-"
+            print(f"| {layers} | {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) | {r['cpu']:.2f} | "
+                  f"{achieved / rate:.0%} | {arena} |", flush=True)
         xs = np.array(sorted(steps), dtype=float)
-        ys = np.array([steps[int(x)]["median"] for x in xs])
+        ys = np.array([steps[int(x)]["cpu"] for x in xs])  # CPU seconds: a shared core stretches only the wall time
         per_layer, fixed = np.polyfit(xs, ys, 1)
-        print(f"\nfit: step = {fixed:.2f} s + {per_layer:.2f} s x layers; per-layer cost of each depth "
+        print(f"\nfit (CPU s): step = {fixed:.2f} s + {per_layer:.2f} s x layers; per-layer cost of each depth "
               "(step - fixed) / layers vs the fit:")
         for x, y in zip(xs, ys):
             print(f"  {int(x)} layers: {(y - fixed) / x:.2f} s/layer ({(y - fixed) / x / per_layer - 1:+.0%})")
-        print("\nper operator group, deepest run (s per step, share, GFLOP/s of its matmul work):")
-        deepest = steps[int(xs[-1])]["ops"]
+        block = step_flops(1, size, teacher=False) - step_flops(0, size, teacher=False)
+        print(f"  marginal layer: {block / per_layer / 1e9:.0f} GFLOP/s ({block / per_layer / 1e9 / rate:.0%} of the "
+              f"matmul rate); fixed cost {fixed:.2f} s = {fixed / ys[-1]:.1%} of the {int(xs[-1])}-layer step "
+              f"(its FLOPs outside the blocks: {step_flops(0, size, teacher=False) / 1e9:.0f} GFLOP)")
+        profiled = [int(x) for x in xs if steps[int(x)]["ops"]]
+        if not profiled:
+            continue
+        print(f"\nper operator group, {profiled[-1]} layers (s per step, share, GFLOP/s of its matmul work):")
+        deepest = steps[profiled[-1]]["ops"]
         total = sum(g["seconds"] for g in deepest["groups"].values())
         for group, g in sorted(deepest["groups"].items(), key=lambda kv: -kv[1]["seconds"]):
             print(f"  {group:18s} {g['seconds']:7.2f} s  {g['seconds'] / total:5.1%}  {g['gflops']:6.0f} GFLOP/s")
@@ -251,9 +267,9 @@ def fusion_ab(args, work: Path, rate: float) -> None:
         times: dict[str, list[float]] = {"plain": [], "fused": []}
         for _ in range(args.repeat):
             for name, s in sessions.items():
-                times[name].append(_seconds(lambda: s.run(None, feed)))
+                times[name].append(_seconds(lambda: s.run(None, feed), cpu=True)[1])
         plain, fused = (float(np.median(times[k])) for k in ("plain", "fused"))
-        print(f"| {args.layers}L student fp32, {size} px | plain {plain:.2f} s | fused {fused:.2f} s | "
+        print(f"| {args.layers}L student fp32, {size} px | plain {plain:.2f} CPU s | fused {fused:.2f} CPU s | "
               f"fused / plain {fused / plain:.3f} | rel err {rel:.1e} |", flush=True)
 
 
@@ -266,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra student depths to time, e.g. 28")
     parser.add_argument("--layer-scan", default="", type=lambda s: [int(x) for x in s.split(",") if x],
                         help="student depths for the linearity check with --ops (fp32), e.g. 2,4,6")
+    parser.add_argument("--ops-layers", type=int, default=None,
+                        help="--layer-scan profiles operator groups only up to this depth (a 28-layer "
+                             "profiled run costs two more steps)")
     parser.add_argument("--no-teacher", dest="teacher", action="store_false")
     parser.add_argument("--fusion-ab", action="store_true",
                         help="time the fp32 student graph with and without onnxruntime's transformer fusions")
@@ -278,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     threads = set_threads(args.threads)
     rates = matmul_rates()
-    rate = rates["ort"]
+    rate = rates["ort_cpu"]
     print(f"# {cpu_name()}; pinned to cores {sorted(os.sched_getaffinity(0))}; onnxruntime and torch threads {threads}; "
-          f"matmul 4096^3 fp32: ORT {rates['ort']:.0f} GFLOP/s, torch.mm {rates['torch']:.0f} GFLOP/s "
-          f"(fractions below are of the ORT rate); load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"matmul 4096^3 fp32 per CPU s: ORT {rates['ort_cpu']:.0f} GFLOP/s, torch.mm {rates['torch_cpu']:.0f} "
+          f"(per wall s: {rates['ort']:.0f}, {rates['torch']:.0f}); fractions below are of the ORT rate per CPU s, "
+          f"steps in CPU s; load average {os.getloadavg()[0]:.1f}", flush=True)
     if args.fusion_ab:
         fusion_ab(args, args.work, rate)
     elif args.layer_scan:
@@ -289,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         speed_table(args, args.work, rate)
     rates = matmul_rates()
-    print(f"\n# matmul rate again at the end: ORT {rates['ort']:.0f} GFLOP/s, torch.mm {rates['torch']:.0f} GFLOP/s; "
+    print(f"\n# matmul rate again at the end, per CPU s: ORT {rates['ort_cpu']:.0f} GFLOP/s, torch.mm "
+          f"{rates['torch_cpu']:.0f} (per wall s: {rates['ort']:.0f}, {rates['torch']:.0f}); "
           f"load average {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -34,16 +34,23 @@ from litedge.runtime.session import ComponentSession, session_options
 
 @dataclass
 class Timing:
-    """Seconds over repeats: median, min, max."""
+    """Seconds over repeats: median, min, max (wall clock), and the median CPU seconds.
+
+    ``cpu`` is this process's CPU time per call (all its threads). With one onnxruntime
+    thread it is the step's cost on its core whatever else that core runs: a shared core
+    stretches the wall time, not the CPU time (``None`` when not measured).
+    """
 
     median: float
     min: float
     max: float
     repeats: int
+    cpu: float | None = None
 
     @classmethod
-    def of(cls, samples: list[float]) -> "Timing":
-        return cls(statistics.median(samples), min(samples), max(samples), len(samples))
+    def of(cls, samples: list[float], cpu: list[float] | None = None) -> "Timing":
+        return cls(statistics.median(samples), min(samples), max(samples), len(samples),
+                   statistics.median(cpu) if cpu else None)
 
 
 @dataclass
@@ -117,13 +124,14 @@ def _time_runs(session: ComponentSession, feed: dict[str, np.ndarray], repeat: i
     """Seconds per ``session`` call: one warm-up (memory planning, arena growth), then ``repeat``
     timed repeats of ``per_call`` calls each."""
     session.session.run(None, feed)  # warm-up
-    samples = []
+    samples, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(per_call):
             session.session.run(None, feed)
+        cpu.append((time.process_time() - start_cpu) / per_call)
         samples.append((time.perf_counter() - start) / per_call)
-    return Timing.of(samples)
+    return Timing.of(samples, cpu)
 
 
 def check_sizes(manifest: Manifest, sizes: list[tuple[int, int]]) -> None:
