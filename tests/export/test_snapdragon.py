@@ -312,3 +312,75 @@ def test_minmax_ranges_equal_onnxruntimes_own_calibration(student, tmp_path):
     for name, rng in theirs.data.items():
         np.testing.assert_array_equal(ours.data[name].range_value, rng.range_value, err_msg=name)
     assert not list(tmp_path.glob(".calibration-*"))  # its work folder is gone
+
+
+# ----------------------------------------------------------------------------- compile in parts
+
+
+def test_large_graph_compiles_as_one_context_per_block_range_and_equals_the_whole(student, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A large graph (threshold lowered) with more blocks than BLOCKS_PER_PART (lowered to 1: the
+    tiny model's 2 blocks -> 2 parts) is compiled part by part in child processes and joined in one
+    EPContext graph of 2 EPContext nodes, 2 QNN binaries. Its parts chained on the CPU EP equal the
+    whole QDQ graph exactly, and the joined EPContext graph on the HTP simulator equals the whole graph
+    compiled as one context (Q(DQ(x)) = x at the part boundaries)."""
+    import shutil
+
+    from litedge.export import onnx_io, qnn_backend, qnn_ep
+    from litedge.export.onnx_io import cpu_session
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 64 * 1024)
+    monkeypatch.setattr(qnn_backend, "BLOCKS_PER_PART", 1)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+
+    def in_parts(qdq, out, soc, blocks, compile_in_parts=qnn_backend.compile_in_parts):
+        for f in qdq.parent.glob(qdq.name + "*"):
+            shutil.copy(f, kept / f.name)
+        return compile_in_parts(qdq, out, soc, blocks)
+
+    monkeypatch.setattr(qnn_backend, "compile_in_parts", in_parts)
+    model, path = student
+    out = tmp_path / "m.litedge"
+    code, _, err = _export([path, "--target", "snapdragon", "--weights", "int8", "--sizes", "64", "-o", out], capsys)
+    assert code == 0, err
+    assert "2 blocks compiled as 2 QNN contexts of <= 1 blocks" in err
+    comp = verify_bundle(out).components["transformer"]
+    assert [e["file"] for e in comp.extra_files] == ["transformer_64x64.part00_qnn.bin", "transformer_64x64.part01_qnn.bin"]
+    joined = onnx.load(str(out / comp.file))
+    assert [n.op_type for n in joined.graph.node] == ["EPContext", "EPContext"]
+    assert not list(out.glob("*.part*.onnx"))  # the per-part EPContext graphs were folded into the joined one
+
+    qdq = next(kept.glob("*.qdq.onnx"))
+    soc = SOCS["sm8650"]
+    wrapper = transformer_wrapper(model)
+    feed = denoising_calibration(wrapper, (8, 8), text_length=300, steps=3, trajectories=1, seed=7)[1]
+    whole_cpu = cpu_session(qdq).run(None, feed)[0]
+    env = dict(feed)
+    parts = qnn_ep.split_graph(qdq, 1)
+    assert [p.blocks for p in parts] == [(0, 0), (1, 1)]
+    for part in parts:
+        session = cpu_session(part.path)
+        names = [o.name for o in session.get_outputs()]
+        env.update(zip(names, session.run(None, {i.name: env[i.name] for i in session.get_inputs()})))
+    np.testing.assert_array_equal(env["noise_pred"], whole_cpu)
+    whole_ctx = qnn_ep.compile_context(qdq, tmp_path / "whole" / "t.onnx", soc) if (tmp_path / "whole").mkdir() is None else None
+    whole_htp = simulator_session(whole_ctx[0], soc).run(None, feed)[0]
+    joined_htp = simulator_session(out / comp.file, soc).run(None, feed)[0]
+    np.testing.assert_array_equal(joined_htp, whole_htp)
+    assert float(np.abs(joined_htp - whole_cpu).max()) < 0.1 * float(np.abs(whole_cpu).max())
+
+
+def test_split_refuses_a_graph_without_block_names(tmp_path):
+    from onnx import TensorProto, helper
+
+    from litedge.errors import LitedgeError
+    from litedge.export.qnn_ep import split_graph
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/model/act/Relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(LitedgeError, match="no transformer_blocks.N node names"):
+        split_graph(path, 4)

@@ -73,7 +73,9 @@ from litedge.export.onnx_io import compare
 from litedge.export.qai_hub import AIHub
 from litedge.export.qnn_ep import (
     Soc,
+    block_count,
     compile_context,
+    compile_in_parts,
     decompose_layernorm,
     fold_constants,
     get_soc,
@@ -137,6 +139,9 @@ LARGE_PLAN = SamplePlan("large", calibration_steps=3, calibration_trajectories=1
 # The x86 HTP simulator (onnxruntime-qnn 2.7, 2 shared cores) ran a 1-layer LiT-T2I-XL-width int4
 # graph at 512 px (76 GMAC per call) in 885 s: 0.085 GMAC/s. LiT-T2I-XL at 1024 px (5000 GMAC)
 # would take ~16 h per input.
+# Large graphs compile as one QNN context per range of this many transformer blocks, each in its
+# own process: QNN's HTP preparation of LiT-T2I-XL's whole 1024 px graph passed 19 GB.
+BLOCKS_PER_PART = 7
 # Past the budget the context is loaded on the simulator but not run; the QDQ graph on the CPU EP
 # gives the fidelity figures instead.
 SIMULATOR_GMAC_PER_S = 0.085
@@ -220,7 +225,7 @@ class QnnBackend(OnnxBackend):
                 cpu_fidelity[tag]["cpu_s"] = round(time.perf_counter() - start, 1)
             stage(f"transformer {tag}: compile to QNN EPContext for {self.soc.name} (HTP v{self.soc.htp_arch})")
             start = time.perf_counter()
-            ctx = compile_context(qdq, writer.path / f"transformer_{tag}.onnx", self.soc)
+            ctx = self._compile(qdq, writer.path / f"transformer_{tag}.onnx", tag)
             timings[tag] = round(time.perf_counter() - start, 2)
             start = time.perf_counter()
             if simulate:
@@ -263,6 +268,18 @@ class QnnBackend(OnnxBackend):
 
     def _tmp(self, name: str) -> Path:
         return Path(self._work.name) / name
+
+    def _compile(self, qdq: Path, out: Path, tag: str) -> list[Path]:
+        """The EPContext model of a QDQ graph: whole, or for a large graph with more than
+        :data:`BLOCKS_PER_PART` blocks, one QNN context per block range, each compiled in its own
+        process (:func:`litedge.export.qnn_ep.compile_in_parts`)."""
+        blocks = block_count(onnx.load(str(qdq), load_external_data=False)) if is_large(qdq) else 0
+        if blocks > BLOCKS_PER_PART:
+            parts = -(-blocks // BLOCKS_PER_PART)
+            stage(f"transformer {tag}: {blocks} blocks compiled as {parts} QNN contexts of <= {BLOCKS_PER_PART} blocks, "
+                  "one process each (bounded memory), joined in one EPContext graph")
+            return compile_in_parts(qdq, out, self.soc, BLOCKS_PER_PART)
+        return compile_context(qdq, out, self.soc)
 
     def _text_length(self, kind: str) -> int:
         # BackendOptions may carry the user's --text-max-length; otherwise the base model's.

@@ -14,7 +14,9 @@ to load, naming the nodes that would not.
 
 from __future__ import annotations
 
+import copy
 import gc
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,12 +98,12 @@ def qnn_version() -> str:
     return str(onnxruntime_qnn.__version__)
 
 
-def _session_options(soc: Soc, config: dict[str, str]) -> ort.SessionOptions:
+def _session_options(soc: Soc, config: dict[str, str], extra: dict[str, str] | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     for key, value in config.items():
         options.add_session_config_entry(key, value)
-    options.add_provider_for_devices(qnn_devices(), provider_options(soc))
+    options.add_provider_for_devices(qnn_devices(), {**provider_options(soc), **(extra or {})})
     return options
 
 
@@ -255,9 +257,11 @@ def cpu_nodes(path: Path, soc: Soc) -> Counter:
     return left
 
 
-def compile_context(qdq: Path, out: Path, soc: Soc) -> list[Path]:
+def compile_context(qdq: Path, out: Path, soc: Soc, extra: dict[str, str] | None = None) -> list[Path]:
     """Compile a static-shape QDQ graph to an EPContext model ``out`` + its QNN context binary.
 
+    ``extra``: QNN EP provider options added to :func:`provider_options` (e.g.
+    ``{"enable_htp_prepare_only": "1"}``: write the context without loading it to run).
     Returns the files written (``out`` first). Raises LitedgeError naming the nodes HTP
     cannot run.
     """
@@ -266,7 +270,7 @@ def compile_context(qdq: Path, out: Path, soc: Soc) -> list[Path]:
     config = {"ep.context_enable": "1", "ep.context_file_path": str(out), "ep.context_embed_mode": "0",
               "session.disable_cpu_ep_fallback": "1"}
     try:
-        ort.InferenceSession(str(qdq), _session_options(soc, config))
+        ort.InferenceSession(str(qdq), _session_options(soc, config, extra))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         for stale in out.parent.glob(f"{out.stem}*"):
             stale.unlink()
@@ -302,3 +306,262 @@ def context_binaries(path: Path) -> list[Path]:
 def simulator_session(path: Path, soc: Soc) -> ort.InferenceSession:
     """A session on the HTP simulator (x86) for an EPContext or QDQ model, CPU fallback disabled."""
     return ort.InferenceSession(str(path), _session_options(soc, {"session.disable_cpu_ep_fallback": "1"}))
+
+
+# ----------------------------------------------------------------------------- compile in parts
+
+_BLOCK = re.compile(r"transformer_blocks[./](\d+)[./]")
+
+
+@dataclass
+class GraphPart:
+    """One contiguous range of transformer blocks of a QDQ graph, as its own ONNX model.
+
+    Attributes:
+        path: the part's graph file; its initializers point into the whole graph's external
+            data file (same folder), so writing a part copies no weights.
+        blocks: (first, last) transformer block index it holds.
+        inputs: names of the tensors it reads (graph inputs or earlier parts' outputs).
+        outputs: names of the tensors it hands on (to later parts or the graph's outputs).
+    """
+
+    path: Path
+    blocks: tuple[int, int]
+    inputs: list[str]
+    outputs: list[str]
+
+
+def block_count(model: onnx.ModelProto) -> int:
+    """How many ``transformer_blocks.N`` the node names of ``model`` hold (0: none)."""
+    found = [int(m.group(1)) for n in model.graph.node if (m := _BLOCK.search(n.name))]
+    return max(found) + 1 if found else 0
+
+
+def split_graph(qdq: Path, blocks_per_part: int) -> list[GraphPart]:
+    """Cut a QDQ transformer graph into parts of ``blocks_per_part`` transformer blocks each.
+
+    Nodes named ``transformer_blocks.N`` go to the part of block N; the embeddings before the
+    first block go to the first part, the output head follows its inputs to the last. Another
+    node (Q/DQ pairs, reshapes the optimizer added) goes to the latest part among its inputs'
+    producers, and a named one moves later when an input is produced later, so every part
+    only reads the graph's inputs and earlier parts' outputs. Constant nodes and what is
+    computed from initializers alone (weight DequantizeLinear, shape constants QNN needs
+    static) are copied into each part that reads them. Each part is written beside ``qdq`` as
+    ``{stem}.part{k}.onnx`` with the boundary tensors' types and static shapes from ONNX shape
+    inference; chaining the parts computes the whole graph.
+
+    Raises:
+        LitedgeError: the graph has no transformer block names to cut at, or a boundary tensor
+            has no static shape.
+    """
+    qdq = Path(qdq)
+    model = onnx.load(str(qdq), load_external_data=False)
+    blocks = block_count(model)
+    if blocks == 0:
+        raise LitedgeError(f"{qdq.name}: no transformer_blocks.N node names to split the graph at; compile it whole")
+    per = max(int(blocks_per_part), 1)
+    n_parts = -(-blocks // per)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constant: set[str] = set(initializers)  # tensors known without running the graph
+    const_nodes: dict[str, onnx.NodeProto] = {}  # output name -> node, for nodes computed from constants
+    producer: dict[str, int] = {}  # tensor -> part of the node producing it
+    part_of: list[int | None] = []
+    for node in graph.node:
+        if all(t in constant for t in node.input if t):
+            constant.update(node.output)
+            for t in node.output:
+                const_nodes[t] = node
+            part_of.append(None)
+            continue
+        m = _BLOCK.search(node.name)
+        want = min(int(m.group(1)) // per, n_parts - 1) if m else 0
+        part = max([want, *(producer[t] for t in node.input if t in producer)])
+        part_of.append(part)
+        for t in node.output:
+            producer[t] = part
+    typed = _value_types(model)
+    made_by = {t: n for n in graph.node for t in n.output}
+    consumers: dict[str, set[int]] = {}
+    for node, part in zip(graph.node, part_of):
+        for t in node.input:
+            if t and part is not None:
+                consumers.setdefault(t, set()).add(part)
+    graph_outputs = {o.name for o in graph.output}
+    parts = []
+    for k in range(n_parts):
+        nodes = [n for n, p in zip(graph.node, part_of) if p == k]
+        if not nodes:
+            continue
+        # the constant subgraphs this part reads, in graph order
+        need, stack = set(), [t for n in nodes for t in n.input if t in const_nodes]
+        while stack:
+            t = stack.pop()
+            node = const_nodes[t]
+            if id(node) not in need:
+                need.add(id(node))
+                stack.extend(i for i in node.input if i in const_nodes)
+        nodes = [n for n, p in zip(graph.node, part_of) if p == k or (p is None and id(n) in need)]
+        produced = {t for n in nodes for t in n.output}
+        crossing = [t for t in dict.fromkeys(t for n in nodes for t in n.input if t)
+                    if t not in produced and t not in initializers]
+        nodes = _requantized(nodes, crossing, made_by)
+        used = list(dict.fromkeys(t for n in nodes for t in n.input if t))
+        inputs = [t for t in crossing]
+        outputs = [t for n in nodes for t in n.output  # constants are recomputed where read
+                   if t in graph_outputs or (t not in const_nodes and any(c > k for c in consumers.get(t, ())))]
+        missing = [t for t in inputs + outputs if t not in typed]
+        if missing:
+            raise LitedgeError(f"{qdq.name}: no static type for {missing[0]!r} at a part boundary; compile the graph whole")
+        sub = helper.make_graph(
+            nodes, f"{graph.name or 'graph'}_part{k}", [typed[t] for t in inputs], [typed[t] for t in outputs],
+            initializer=[initializers[t] for t in used if t in initializers],
+        )
+        part_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        path = qdq.parent / f"{qdq.stem}.part{k}.onnx"
+        onnx.save(part_model, str(path))  # external initializers keep pointing into qdq's data file
+        parts.append(GraphPart(path, (k * per, min((k + 1) * per, blocks) - 1), inputs, outputs))
+    return parts
+
+
+def _requantized(nodes: list, crossing: list[str], made_by: dict) -> list:
+    """``nodes`` reading each crossing DequantizeLinear output through a copy of its Q/DQ pair.
+
+    QNN groups ``DQ -> op -> Q`` into one quantized op; a part whose op read the float output
+    of another part's DQ directly would leave that op unquantized. Q(DQ(x)) with the same
+    scale and zero point is x, so the numbers are those of the whole graph.
+    """
+    rename, extra = {}, []
+    for t in crossing:
+        dq = made_by.get(t)
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        params = list(dq.input[1:])
+        q_out, dq_out = f"{t}/part_q", f"{t}/part_dq"
+        extra.append(helper.make_node("QuantizeLinear", [t, *params], [q_out], name=f"{dq.name}/part_Q",
+                                      **_int_attrs(dq)))
+        extra.append(helper.make_node("DequantizeLinear", [q_out, *params], [dq_out], name=f"{dq.name}/part_DQ",
+                                      **_int_attrs(dq)))
+        rename[t] = dq_out
+    if not rename:
+        return nodes
+    out = []
+    for node in nodes:
+        if any(i in rename for i in node.input):
+            node = copy.deepcopy(node)
+            for j, i in enumerate(node.input):
+                node.input[j] = rename.get(i, i)
+        out.append(node)
+    return extra + out
+
+
+def _int_attrs(node: onnx.NodeProto) -> dict:
+    """The ``axis`` / ``block_size`` attributes of a Q/DQ node (per-axis parameters), if any."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in ("axis", "block_size")}
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Tensor name -> ValueInfo with its static type, from ONNX shape inference on the graph alone."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    out = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.elem_type and t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            out[vi.name] = vi
+    return out
+
+
+def stitch_contexts(parts: list[Path], whole: onnx.ModelProto, out: Path) -> list[Path]:
+    """One EPContext model ``out`` running the compiled parts in order: their EPContext nodes,
+    with the whole graph's inputs and outputs, each still naming its own context binary.
+
+    ``parts``: the compiled EPContext models (same folder as ``out``). Returns ``out`` and the
+    context binaries it names.
+    """
+    nodes, opsets, types = [], {}, {}
+    for path in parts:
+        m = onnx.load(str(path), load_external_data=False)
+        for vi in [*m.graph.input, *m.graph.output]:  # EPContext outputs have no inferable type
+            types.setdefault(vi.name, vi)
+        for node in m.graph.node:
+            if node.op_type != "EPContext":
+                raise LitedgeError(f"{path.name}: compiled part holds a {node.op_type} node outside QNN; "
+                                   "every node must run on HTP")
+            nodes.append(node)
+        for o in m.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    ends = {vi.name for vi in [*whole.graph.input, *whole.graph.output]}
+    graph = helper.make_graph(nodes, whole.graph.name or "graph", list(whole.graph.input), list(whole.graph.output),
+                              value_info=[vi for name, vi in types.items() if name not in ends])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              ir_version=whole.ir_version)
+    onnx.save(model, str(out))
+    for path in parts:
+        path.unlink()
+    return [out, *context_binaries(out)]
+
+
+def compile_in_parts(qdq: Path, out: Path, soc: Soc, blocks_per_part: int,
+                     extra: dict[str, str] | None = None) -> list[Path]:
+    """Compile ``qdq`` as parts of ``blocks_per_part`` transformer blocks, each in its own process,
+    into one EPContext model ``out`` with one EPContext node and QNN context binary per part.
+
+    QNN's HTP graph preparation holds the whole graph's state at once (LiT-T2I-XL at 1024 px:
+    past 19 GB); a part needs a fraction of it, and a child process per part returns its memory
+    to the system before the next starts. The stitched model runs as the whole graph would
+    (:func:`stitch_contexts`). Returns ``out`` first, then the context binaries.
+    """
+    qdq, out = Path(qdq), Path(out)
+    for stale in out.parent.glob(f"{out.stem}.part*"):
+        stale.unlink()
+    parts = split_graph(qdq, blocks_per_part)
+    compiled = []
+    try:
+        for k, part in enumerate(parts):
+            target = out.parent / f"{out.stem}.part{k:02d}.onnx"
+            _compile_in_child(part.path, target, soc, extra, f"blocks {part.blocks[0]}-{part.blocks[1]}")
+            compiled.append(target)
+            part.path.unlink()
+        whole = onnx.load(str(qdq), load_external_data=False)
+        return stitch_contexts(compiled, whole, out)
+    except BaseException:
+        for stale in [*out.parent.glob(f"{out.stem}.part*"), out, *(p.path for p in parts)]:
+            Path(stale).unlink(missing_ok=True)
+        raise
+
+
+def _compile_in_child(qdq: Path, out: Path, soc: Soc, extra: dict[str, str] | None, what: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "litedge.export.qnn_ep", "compile", str(qdq), str(out), soc.name, json.dumps(extra or {})]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in (proc.stderr or "").strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        if proc.returncode < 0:
+            reason = f"killed by signal {-proc.returncode} (out of memory?)"
+        raise LitedgeError(f"{out.name} ({what}): QNN HTP compile for {soc.name} failed: {reason}")
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m litedge.export.qnn_ep compile QDQ OUT SOC [EXTRA_JSON]``: one compile, for a child process."""
+    import json
+    import sys
+
+    if len(argv) < 4 or argv[0] != "compile":
+        print("usage: python -m litedge.export.qnn_ep compile QDQ OUT SOC [EXTRA_JSON]", file=sys.stderr)
+        return 2
+    try:
+        compile_context(Path(argv[1]), Path(argv[2]), get_soc(argv[3]), json.loads(argv[4]) if len(argv) > 4 else None)
+    except LitedgeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))
