@@ -183,3 +183,36 @@ def test_transformer_weights_are_released_after_the_last_trace_before_compressio
     assert fn == FUNCTIONS
     for function in FUNCTIONS.values():
         assert summarize_program(_load(out / "transformer.mlpackage", function)._spec, function).int4_weights
+
+
+def test_text_encoder_past_the_whole_conversion_limit_streams_to_onnx(tmp_path, monkeypatch):
+    """A T5 past WHOLE_TEXT_ENCODER_BYTES (T5-XXL's 19 GB at full size; lowered here) is not converted
+    whole to Core ML: it is the streamed ONNX export with int4 MatMulNBits, whose graph onnxruntime runs
+    and matches the PyTorch encoder within int4 error; the transformer stays a Core ML package."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from litedge.export import coreml_backend
+
+    monkeypatch.setattr(coreml_backend, "WHOLE_TEXT_ENCODER_BYTES", 1000)
+    out = tmp_path / "lit.litedge"
+    code, err = _export([_pipeline(tmp_path), "--target", "coreml", "--weights", "int4", "--sizes", "64", "-o", out])
+    assert code == 0, err
+    assert "streamed ONNX export for onnxruntime instead" in err
+    manifest = verify_bundle(out)
+    text = manifest.components["text_encoder"]
+    assert text.file == "text_encoder.onnx" and text.meta["format"] == "onnx"
+    assert text.meta["weights"] == "int4"
+    assert manifest.components["transformer"].file == "transformer.mlpackage"
+    graph = onnx.load(str(out / "text_encoder.onnx"), load_external_data=False)
+    assert any(n.op_type == "MatMulNBits" for n in graph.graph.node)
+    ids = np.random.default_rng(0).integers(0, 64, (1, 9)).astype(np.int64)
+    mask = np.ones_like(ids)
+    got = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        ref = tiny_t5()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    assert got.shape == ref.shape and 0 < rel < 0.3, rel  # int4 weights: close, not exact

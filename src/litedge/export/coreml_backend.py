@@ -11,6 +11,11 @@ Shapes are fixed inside a function (what the Neural Engine wants): the transform
 a batch of 2 (a classifier-free guidance pair) and the base model's prompt length, the
 VAE decoder and the text encoder a batch of 1. The manifest states them.
 
+A text encoder past :data:`WHOLE_TEXT_ENCODER_BYTES` of fp32 weights (T5-XXL, 19 GB) is not
+converted: Core ML conversion holds the whole model in PyTorch and in MIL at once. It is
+written by the cpu target's streamed exporter instead (one tensor at a time, int4
+MatMulNBits), an ONNX component for onnxruntime on the Mac (meta ``format: onnx``).
+
 Conversion, compression and saving run anywhere; Core ML *prediction* needs macOS, so the
 Core ML-vs-PyTorch parity check is recorded as skipped. What is checked here instead: the
 TorchScript trace that is converted matches the eager wrapper at every bucket on fresh
@@ -52,6 +57,7 @@ from litedge.export.specs import (
     VaeDecoderWrapper,
     transformer_wrapper,
 )
+from litedge.models.weights import WeightSource
 
 try:
     import coremltools as ct
@@ -75,6 +81,12 @@ FP32_FOLLOWERS = frozenset({"add", "sub", "mul", "real_div", "inverse"})
 TRANSFORMER_BATCH = 2  # cond + uncond in one call
 WEIGHT_OPS = ("linear", "conv", "conv_transpose", "matmul")
 _BUCKET_DIMS = ("height", "width", "image_height", "image_width")  # vary per function; the rest is fixed
+# Text encoders with more fp32 weight bytes than this go through the streamed ONNX export
+# (T5-XXL: 19 GB; converting it whole would hold it in PyTorch and in MIL at once).
+WHOLE_TEXT_ENCODER_BYTES = 2 * 10**9
+ONNX_COMPONENT = {"format": "onnx", "providers": ["CoreMLExecutionProvider", "CPUExecutionProvider"],
+                  "note": "too large to convert whole to Core ML in bounded memory: an ONNX graph (int4 MatMulNBits "
+                          "weights) for onnxruntime on the Mac, run once per prompt beside the Core ML transformer"}
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,27 @@ def _register_new_ones() -> None:
 
 
 _register_new_ones()
+
+
+def _register_reciprocal_of_int() -> None:
+    """A trace records ``1.0 / k.shape[-1]`` (the channel-first linear attention's 1/M) as
+    ``reciprocal`` of an int32 size, which MIL's ``inverse`` refuses (fp16/fp32 only): cast an
+    integer input to fp32 first; a float input converts as coremltools does."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+    from coremltools.converters.mil.mil import types
+
+    def reciprocal(context, node):
+        x = _get_inputs(context, node, expected=1)[0]
+        if types.is_int(x.dtype):
+            x = mb.cast(x=x, dtype="fp32", name=f"{node.name}_fp32")
+        context.add(mb.inverse(x=x, name=node.name))
+
+    register_torch_op(reciprocal, override=True)
+
+
+_register_reciprocal_of_int()
 
 
 # ----------------------------------------------------------------------------- program inspection
@@ -365,6 +398,9 @@ def _size_bytes(path: Path) -> int:
 class CoreMLBackend(Backend):
     """``.mlpackage`` components, one function per ``--sizes`` bucket, fp16 compute, int4 or fp16 weights."""
 
+    # T5 encoders arrive as skeletons with their weights on disk: a large one streams to ONNX.
+    streams = frozenset({"text_encoder"})
+
     def __init__(self, target, options, report) -> None:
         super().__init__(target, options, report)
         self.buckets = buckets(options.sizes, options.vae_scale_factor)  # refuse a missing --sizes before any model is loaded
@@ -391,10 +427,26 @@ class CoreMLBackend(Backend):
         self._export("vae_decoder", wrapper, sizes, quantize=False, fp32=fp32, writer=writer,
                      meta={**wrapper.metadata(), "compute_precision_reason": "force_upcast" if fp32 else "target"})
 
-    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder") -> None:
+    def text_encoder(self, encoder: nn.Module, writer: BundleWriter, name: str = "text_encoder",
+                     weights: WeightSource | None = None) -> None:
+        """A T5 encoder as a Core ML package, or, past :data:`WHOLE_TEXT_ENCODER_BYTES` of fp32
+        weights (T5-XXL: 19 GB), as the cpu target's streamed ONNX graph (int4 MatMulNBits)
+        that onnxruntime runs beside the Core ML transformer: Core ML conversion needs the whole
+        model in memory, several times over."""
         if type(encoder).__name__ not in TextEncoderWrapper.supported:
             raise LitedgeError(f"{name}: the coreml target converts T5 text encoders only, not "
                                f"{type(encoder).__name__} (SD3's CLIP encoders); use --target cpu for SD3 bundles")
+        if weights is not None:
+            fp32_bytes = weights.nbytes_fp32()
+            if fp32_bytes > WHOLE_TEXT_ENCODER_BYTES:
+                stage(f"{name}: {fp32_bytes / 1e9:.1f} GB of fp32 weights, past the {WHOLE_TEXT_ENCODER_BYTES / 1e9:.1f} GB "
+                      "Core ML converts whole in bounded memory: streamed ONNX export for onnxruntime instead")
+                self._onnx_backend().text_encoder(encoder, writer, name=name, weights=weights)
+                return
+            from litedge.models.weights import materialize
+
+            stage(f"{name}: loading its weights whole ({fp32_bytes / 1e9:.2f} GB fp32; Core ML converts the full model)")
+            encoder = materialize(encoder, weights)
         wrapper = TextEncoderWrapper(encoder)
         bucket = Bucket((0, 0), (0, 0))
         stage(f"{name}: trace + convert to Core ML ({self.text_length} tokens)")
@@ -406,6 +458,15 @@ class CoreMLBackend(Backend):
                      function=f"text_{self.text_length}", optional=True)
 
     # ------------------------------------------------------------------ shared steps
+
+    def _onnx_backend(self):
+        """The cpu target's (streamed) ONNX exporter, for components too large to convert whole."""
+        from litedge.export.onnx_backend import OnnxBackend
+        from litedge.export.targets import get_target
+
+        onnx = OnnxBackend(get_target("cpu"), self.options, self.report)
+        onnx.support_meta = ONNX_COMPONENT
+        return onnx
 
     def _convert(self, name: str, wrapper: nn.Module, sizes: dict[Bucket, SampleSize], *, quantize: bool,
                  fp32: bool, fp32_ops: frozenset[str], function: str | None,
