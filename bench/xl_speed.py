@@ -241,13 +241,9 @@ def fusion_ab(args, work: Path, rate: float) -> None:
     (:func:`litedge.export.fp16_backend.fuse_fp32`, the CPU-runnable set), interleaved runs
     in one process, and their difference (fp32 parity must stay < 1e-4)."""
     import onnx
-    import onnxruntime as ort
 
     from litedge.bundle import verify_bundle
     from litedge.export.fp16_backend import fuse_fp32, fused_op_counts
-    from litedge.profile.inputs import synthetic_feed
-    from litedge.runtime.devices import DEVICES
-    from litedge.runtime.session import session_options
 
     path = bundle(work, args.layers, "fp", False)
     comp = verify_bundle(path).components["transformer"]
@@ -258,19 +254,53 @@ def fusion_ab(args, work: Path, rate: float) -> None:
         print(f"# fusions: {fused_op_counts(fused)}")
         onnx.save(fused, str(fused_path))
         del model, fused
+    interleaved(f"{args.layers}L student fp32", {"plain": path / comp.file, "fused": fused_path}, comp,
+                args.sizes, args.repeat)
+
+
+def interleaved(label: str, graphs: dict[str, Path], comp, sizes: list[int], repeat: int) -> None:
+    """Two graphs of one component (same inputs) timed in alternation in this process, CPU
+    seconds per step (median of ``repeat`` after a warm-up each), and their outputs' max
+    difference relative to the first's max (meaningful when both hold the same weights)."""
+    import onnxruntime as ort
+
+    from litedge.profile.inputs import synthetic_feed
+    from litedge.runtime.devices import DEVICES
+    from litedge.runtime.session import session_options
+
     sessions = {name: ort.InferenceSession(str(p), session_options(DEVICES["cpu"]), providers=["CPUExecutionProvider"])
-                for name, p in (("plain", path / comp.file), ("fused", fused_path))}
-    for size in args.sizes:
+                for name, p in graphs.items()}
+    (a, sa), (b, sb) = sessions.items()
+    for size in sizes:
         feed = synthetic_feed(comp, {"batch": BATCH, "height": size // 8, "width": size // 8, "text_length": TEXT})
         outs = {name: s.run(None, feed)[0] for name, s in sessions.items()}  # warm-up
-        rel = float(np.abs(outs["fused"] - outs["plain"]).max() / np.abs(outs["plain"]).max())
-        times: dict[str, list[float]] = {"plain": [], "fused": []}
-        for _ in range(args.repeat):
+        rel = float(np.abs(outs[b] - outs[a]).max() / np.abs(outs[a]).max())
+        times: dict[str, list[float]] = {a: [], b: []}
+        for _ in range(repeat):
             for name, s in sessions.items():
                 times[name].append(_seconds(lambda: s.run(None, feed), cpu=True)[1])
-        plain, fused = (float(np.median(times[k])) for k in ("plain", "fused"))
-        print(f"| {args.layers}L student fp32, {size} px | plain {plain:.2f} CPU s | fused {fused:.2f} CPU s | "
-              f"fused / plain {fused / plain:.3f} | rel err {rel:.1e} |", flush=True)
+        ta, tb = (float(np.median(times[k])) for k in (a, b))
+        print(f"| {label}, {size} px | {a} {ta:.3f} CPU s | {b} {tb:.3f} CPU s | {b} / {a} {tb / ta:.3f} | "
+              f"output difference {rel:.1e} |", flush=True)
+
+
+def bundle_ab(args) -> None:
+    """``--ab A B``: the transformers of two bundles (e.g. exported before / after a rewrite),
+    interleaved (:func:`interleaved`), with each one's export parity from its manifest."""
+    from litedge.bundle import verify_bundle
+
+    comps = {p: verify_bundle(p).components["transformer"] for p in args.ab}
+    for p in args.ab:
+        parity = (verify_bundle(p).fidelity.get("transformer") or {}).get("rel_err", float("nan"))
+        print(f"# {p.name}: {len(_nodes(p / comps[p].file))} nodes; export parity vs PyTorch fp32 rel err {parity:.1e}")
+    interleaved("transformer", {"A": args.ab[0] / comps[args.ab[0]].file, "B": args.ab[1] / comps[args.ab[1]].file},
+                comps[args.ab[0]], args.sizes, args.repeat)
+
+
+def _nodes(path: Path) -> list:
+    import onnx
+
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-teacher", dest="teacher", action="store_false")
     parser.add_argument("--fusion-ab", action="store_true",
                         help="time the fp32 student graph with and without onnxruntime's transformer fusions")
+    parser.add_argument("--ab", nargs=2, type=Path, metavar=("A", "B"),
+                        help="time the transformers of two bundles interleaved (e.g. before / after a rewrite)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
                         help="onnxruntime intra-op and torch threads (default: the cores of this process's "
@@ -302,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
           f"matmul 4096^3 fp32 per CPU s: ORT {rates['ort_cpu']:.0f} GFLOP/s, torch.mm {rates['torch_cpu']:.0f} "
           f"(per wall s: {rates['ort']:.0f}, {rates['torch']:.0f}); fractions below are of the ORT rate per CPU s, "
           f"steps in CPU s; load average {os.getloadavg()[0]:.1f}", flush=True)
-    if args.fusion_ab:
+    if args.ab:
+        bundle_ab(args)
+    elif args.fusion_ab:
         fusion_ab(args, args.work, rate)
     elif args.layer_scan:
         layer_scan(args, args.work, rate)
