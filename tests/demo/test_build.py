@@ -43,13 +43,17 @@ def test_every_stage_done(built):
     for stage in B.STAGES:
         done = json.loads(paths.done(stage).read_text())
         assert done["stage"] == stage and done["stage_seconds"] >= 0
-    assert json.loads(paths.done("teacher").read_text())["steps"] == 3
+    teacher = json.loads(paths.done("teacher").read_text())
+    assert teacher["steps"] == 5 and [ph["size"] for ph in teacher["phases"]] == [64, 128]
+    assert sum(ph["steps"] for ph in teacher["phases"]) == 5
     vae = json.loads(paths.done("vae").read_text())
-    assert vae["latent_shape"] == [4, 16, 16] and vae["scaling_factor"] > 0
+    assert vae["factor"] == 32 and vae["latent_channels"] == 8 and vae["scaling_factor"] > 0
+    text = json.loads(paths.done("text").read_text())
+    assert set(text["accuracy"]) == {"train", "eval"}
 
 
 def test_pipelines_load_with_project_loaders(built):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderDC
 
     from litedge.models.loading import load_model
 
@@ -59,7 +63,7 @@ def test_pipelines_load_with_project_loaders(built):
     assert student.family == "lit" and student.linear.heads == 2
     assert teacher.transformer.config.patch_size ** 2 * teacher.transformer.config.in_channels <= \
         teacher.transformer.config.num_attention_heads * teacher.transformer.config.attention_head_dim
-    vae = AutoencoderKL.from_pretrained(work / "vae")
+    vae = AutoencoderDC.from_pretrained(work / "vae")
     assert vae.config.scaling_factor == pytest.approx(json.loads((work / "vae" / "done.json").read_text())["scaling_factor"])
     assert (built / "ship" / "shapes-lit" / "model_index.json").is_file()
     assert load_model(built / "ship" / "shapes-lit").family == "lit"
@@ -71,9 +75,10 @@ def test_bundles_generate(built, name):
     from litedge.runtime import Pipeline
 
     path = built / "ship" / "shapes-lit.litedge" if name == "shipped" else B.Paths(built / "work").bundle(name)
-    image = Pipeline.from_bundle(path, device="cpu")("a red circle", height=64, width=64, steps=2, seed=0,
-                                                     progress=False)[0]
-    assert image.size == (64, 64)
+    pipe = Pipeline.from_bundle(path, device="cpu")
+    assert pipe.manifest.model["vae_scale_factor"] == 32 and pipe.manifest.model["trained_sizes"] == [64, 128]
+    image = pipe("a red circle", height=128, width=128, steps=2, seed=0, progress=False)[0]
+    assert image.size == (128, 128)
     assert np.isfinite(np.asarray(image, dtype=np.float32)).all()
 
 
@@ -81,7 +86,9 @@ def test_eval_json_has_every_category(built):
     report = json.loads((built / "work" / "eval.json").read_text())
     assert set(report["models"]) == set(B.BUNDLES)
     for name, result in report["models"].items():
-        assert set(result["shapes_eval"]["per_category"]) == set(CATEGORIES), name
+        for size in ("64", "128"):  # the tiny preset's eval sizes
+            assert set(result[size]["shapes_eval"]["per_category"]) == set(CATEGORIES), name
+            assert result[size]["size"] == int(size)
         assert result["latency"]["sizes"], name
     assert set(report["checks"]) and isinstance(report["target_met"], bool)
     assert (built / "work" / "samples.png").stat().st_size > 0
@@ -114,19 +121,19 @@ def test_done_stages_are_skipped(built):
 
 def test_teacher_resume_continues_its_step_count(built, tmp_path):
     src, work = built / "work", tmp_path / "work"
-    for part in ("data", "vae", "teacher", "runs/teacher"):
+    for part in ("data", "vae", "text", "teacher", "runs/teacher"):
         shutil.copytree(src / part, work / part)
     (work / "student").mkdir()
     (work / "student" / "done.json").write_text("{}")
-    cfg = lambda **kw: B.BuildConfig(workdir=work, preset="tiny", progress=False, steps=5, **kw)  # noqa: E731
-    assert B.run_stage(cfg(), "teacher")["steps"] == 3  # done: kept without --resume
+    cfg = lambda **kw: B.BuildConfig(workdir=work, preset="tiny", progress=False, steps=7, **kw)  # noqa: E731
+    assert B.run_stage(cfg(), "teacher")["steps"] == 5  # done: kept without --resume
     figures = B.run_stage(cfg(resume=True), "teacher")
-    assert figures["start_step"] == 3 and figures["new_steps"] == 2 and figures["steps"] == 5
+    assert figures["start_step"] == 5 and figures["new_steps"] == 2 and figures["steps"] == 7
     first = json.loads((src / "teacher" / "done.json").read_text())["train_seconds"]
     assert figures["train_seconds"] == pytest.approx(first + figures["seconds"], abs=0.5)  # both runs counted
     rows = [json.loads(line) for line in (work / "runs" / "teacher" / "losses.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    assert (work / "runs" / "teacher" / "checkpoints" / "latest").read_text() == "step-000005"
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert (work / "runs" / "teacher" / "checkpoints" / "latest").read_text() == "step-000007"
     assert not (work / "student" / "done.json").exists()  # the student depends on the teacher: redo it
     (work / "teacher" / "done.json").unlink()
     with pytest.raises(LitedgeError, match="--resume"):  # checkpoints there, no --resume

@@ -240,3 +240,28 @@ def test_wrong_shape_fails(judge, scenes):
             for other in set(shapes.SHAPES) - {obj.shape}:
                 wrong = Scene((dataclasses.replace(obj, shape=other),), scene.caption, scene.category)
                 assert not judge.score(render(wrong), scene.caption)["passed"]
+
+
+def _reference_render(scene, size: int) -> np.ndarray:
+    """Every object sampled over the whole image (the O(size^2) definition of ``render``)."""
+    n = size * shapes.SUPERSAMPLE
+    centres = (np.arange(n) + 0.5) / n
+    image = np.zeros((size, size, 3))
+    for obj in scene.objects:
+        mask = shapes.inside(obj.shape, centres[None, :], centres[:, None], obj.cx, obj.cy, obj.size / 2)
+        cover = mask.reshape(size, shapes.SUPERSAMPLE, size, shapes.SUPERSAMPLE).mean(axis=(1, 3))
+        image += cover[..., None] * np.array(shapes.COLOURS[obj.colour])
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def test_render_equals_the_whole_image_definition_and_windows_are_crops(scenes):
+    for scene in scenes[:20]:
+        for size in (64, 200):
+            full = np.asarray(render(scene, size))
+            assert (full == _reference_render(scene, size)).all()
+        full = np.asarray(render(scene, 512))
+        for left, top in ((0, 0), (97, 301), (384, 384)):
+            window = np.asarray(render(scene, 512, window=(left, top, 128, 128)))
+            assert (window == full[top:top + 128, left:left + 128]).all()
+        past = np.asarray(render(scene, 512, window=(-32, -32, 64, 64)))  # outside the image: background
+        assert (past[:32] == 0).all() and (past[32:, 32:] == full[:32, :32]).all()

@@ -1,25 +1,22 @@
-"""The demo's models and their resumable training loop (PyTorch): VAE, text encoder, teacher.
+"""The demo's models and their resumable training loop (PyTorch): autoencoder, text encoder, teacher.
 
 Sizes live in one :class:`Preset` ("full" for the shipped model, "tiny" for tests).
 
-- VAE: diffusers ``AutoencoderKL``, f4 (three encoder blocks, two downsamplings: 64 px ->
-  16x16x4 latents; diffusers downsamples between blocks, so two blocks would be f2), no
-  mid-block attention. Loss: L1 + L2 + an L1 term on image gradients (sharp shape edges)
-  + a small KL. ``scaling_factor`` = 1 / std of the posterior means, stored in its config.
-- Text encoder: a tiny ``T5EncoderModel`` (d_model 128, 2 layers) trained jointly with the
-  teacher, over a WordLevel ``tokenizers`` tokenizer of the dataset's closed vocabulary
-  (25 words + <pad>, </s>, <unk>), saved as tokenizer.json via ``PreTrainedTokenizerFast``.
-  Why trained, not pretrained: the build machines cannot download any pretrained encoder
-  (no packaged one is small and offline), and the captions use a closed 25-word grammar, so
-  a 2-layer encoder learns everything the prompts can say; the runtime reads tokenizer.json
-  with the ``tokenizers`` library, no sentencepiece model needed.
+- Autoencoder: diffusers ``AutoencoderDC``, f32, 32 latent channels (litedge.demo.autoencoder):
+  256 px -> 8x8 latents, 1024 px -> 32x32, 2048 px -> 64x64.
+- Text encoder: a tiny ``T5EncoderModel`` (d_model 128, 2 layers) over a WordLevel ``tokenizers``
+  tokenizer of the dataset's closed vocabulary (25 words + <pad>, </s>, <unk>), saved as
+  tokenizer.json via ``PreTrainedTokenizerFast``; first trained alone on the caption grammar
+  (litedge.demo.caption_pretraining), then frozen. Why trained, not pretrained: the build
+  machines cannot download any pretrained encoder, and the captions use a closed grammar.
 - Teacher: diffusers ``PixArtTransformer2DModel`` (PixArt-Sigma layout: cross-attention to
-  the T5 features, adaLN-single, learned sigma), patch 2 on 16x16x4 latents = 64 tokens of
-  2*2*4 = 16 values each (<= the width, as issue 7 requires). Loss: epsilon MSE with
-  Min-SNR-5 weights (low-noise steps, which only sharpen detail, count less) + the
-  learned-variance VLB term of :mod:`litedge.distill.losses` on DDPM's linear schedule
-  (PixArt's, and what lit-distill trains the student on); 10% of captions are dropped
-  (the empty prompt, "" as the runtime's negative prompt) for classifier-free guidance.
+  the T5 features, adaLN-single, learned sigma), patch 1 on the 32-channel latents, trained
+  progressively at 256, 512 and 1024 px (:func:`phase_of`) with position embeddings laid on
+  the 256 px grid at every size and a resolution-dependent timestep shift
+  (:func:`shifted_timesteps`). Loss: epsilon MSE with Min-SNR-5 weights + the learned-variance
+  VLB term of :mod:`litedge.distill.losses` on DDPM's linear schedule (PixArt's, and what
+  lit-distill trains the student on); 10% of captions are dropped (the empty prompt, "" as
+  the runtime's negative prompt) for classifier-free guidance.
 
 :func:`train_resumable` runs AdamW + linear warm-up + cosine decay (to ``final_lr`` of the
 peak) + grad clipping + EMA (+ bf16 autocast on CUDA; on CPU fp32 was faster than bf16
@@ -66,18 +63,26 @@ PIXART_SIGMA_SCHEDULER = {
 
 @dataclass(frozen=True)
 class Preset:
-    """Every size and step count of one demo build. Steps are optimizer steps; lr is AdamW's peak."""
+    """Every size and step count of one demo build. Steps are optimizer steps; lr is AdamW's peak.
+
+    Image sizes are pixels. ``base_size`` is the grid the transformer's position embeddings
+    are laid on (its ``sample_size`` x 32): at any other size they are interpolated onto the
+    same span (PixArt's ``interpolation_scale``), so objects keep their place and relative size.
+    """
 
     name: str
-    samples: int  # training images
+    samples: int  # training scenes of the base stage (PNG + caption at data_size: what lit-distill reads)
     eval_prompts: int  # held-out prompts (balanced over the 5 categories)
-    image_size: int = 64
-    vae_channels: tuple[int, ...] = (16, 32, 64)  # len 3 -> f4; (32, 64, 64) is 2.4x slower on CPU
-    vae_norm_groups: int = 8
-    vae_steps: int = 2_000
+    image_size: int = 1024  # native: what lit-generate makes with no size
+    base_size: int = 256  # the teacher's first (and longest) training stage, and the student's
+    ae_latent_channels: int = 32
+    ae_encoder_channels: tuple[int, ...] = (8, 16, 32, 64, 128, 128)  # six levels: f32
+    ae_decoder_channels: tuple[int, ...] = (16, 32, 64, 128, 128, 128)
+    ae_decoder_layers: tuple[int, ...] = (1, 1, 1, 1, 2, 2)
+    ae_crop: int = 128
+    vae_steps: int = 1_800
     vae_batch: int = 16
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-5
+    vae_lr: float = 5e-4
     vae_edge_weight: float = 0.5
     width: int = 128
     heads: int = 4
@@ -86,37 +91,67 @@ class Preset:
     text_layers: int = 2
     text_heads: int = 4
     text_max_length: int = 16  # longest caption: 10 words + </s>
-    teacher_steps: int = 30_000
-    teacher_batch: int = 32
+    text_steps: int = 2_000
+    text_batch: int = 128
+    text_lr: float = 1e-3
+    # (size px, share of the teacher's steps, batch, scenes): PixArt-Sigma / SANA-style progressive resolution
+    teacher_phases: tuple[tuple[int, float, int, int], ...] = ((256, 0.8, 32, 8_000), (512, 0.13, 12, 2_000),
+                                                               (1024, 0.07, 4, 600))
+    teacher_steps: int = 5_000
+    teacher_batch: int = 32  # of the base phase (the others: teacher_phases)
     teacher_lr: float = 1e-3
     teacher_min_snr: float | None = 5.0  # Min-SNR-gamma weighting of the epsilon loss; None: unweighted
     caption_dropout: float = 0.1
-    student_steps: int = 14_000
+    student_steps: int = 3_000
     student_batch: int = 32
     student_lr: float = 2e-4
     student_heads: int = 2
     warmup: int = 300
     final_lr: float = 0.1  # cosine decay after warm-up to this fraction of the peak lr at the last step
-    ema: float = 0.9999
-    save_every: int = 500
+    ema: float = 0.999
+    save_every: int = 250
     eval_steps: int = 20
-    guidance: float = 3.0  # chosen on tuning prompts (bench/demo_guidance.py), not on the eval prompts
+    guidance: float = 3.0
     grid_prompts: int = 10
-    latency_sizes: tuple[int, ...] = (256, 512)
+    eval_sizes: tuple[int, ...] = (1024, 256, 2048)  # ShapesEval sizes, the native one first
+    latency_sizes: tuple[int, ...] = (512, 1024, 2048)
     latency_repeat: int = 3
 
     @property
-    def latent_size(self) -> int:
-        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.ae_encoder_channels) - 1)
+
+    @property
+    def data_size(self) -> int:
+        return self.base_size
+
+    @property
+    def trained_sizes(self) -> list[int]:
+        return sorted({size for size, *_ in self.teacher_phases})
 
 
 PRESETS = {
-    "full": Preset("full", samples=25_000, eval_prompts=250),
-    "tiny": Preset("tiny", samples=64, eval_prompts=10, vae_channels=(8, 16, 16), vae_norm_groups=4, vae_steps=3,
-                   vae_batch=4, width=32, heads=2, layers=2, text_width=32, text_layers=1, text_heads=2,
-                   teacher_steps=3, teacher_batch=4, student_steps=3, student_batch=4, warmup=1, save_every=2,
-                   eval_steps=2, grid_prompts=5, latency_sizes=(64,), latency_repeat=1),
+    "full": Preset("full", samples=8_000, eval_prompts=250),
+    "tiny": Preset("tiny", samples=64, eval_prompts=10, image_size=128, base_size=64, ae_latent_channels=8,
+                   ae_encoder_channels=(4, 4, 8, 8, 8, 8), ae_decoder_channels=(4, 4, 8, 8, 8, 8),
+                   ae_decoder_layers=(1,) * 6, ae_crop=64, vae_steps=3, vae_batch=2, width=32, heads=2, layers=2,
+                   text_width=32, text_layers=1, text_heads=2, text_steps=3, text_batch=8,
+                   teacher_phases=((64, 0.6, 4, 64), (128, 0.4, 2, 8)), teacher_steps=5, teacher_batch=4,
+                   student_steps=3, student_batch=4, warmup=1, save_every=2, eval_steps=2, grid_prompts=5,
+                   eval_sizes=(128, 64), latency_sizes=(64,), latency_repeat=1),
 }
+
+
+def phase_of(p: Preset, steps: int, step: int) -> tuple[int, int, int]:
+    """(size, batch, scenes) of 0-based teacher ``step`` in a run of ``steps``: phases split it by their shares."""
+    total = sum(share for _, share, _, _ in p.teacher_phases)
+    end = 0.0
+    for size, share, batch, scenes in p.teacher_phases:
+        end += share / total * steps
+        if step < round(end):
+            return size, batch, scenes
+    size, _, batch, scenes = p.teacher_phases[-1]
+    return size, batch, scenes
 
 
 # ----------------------------------------------------------------------------- models
@@ -152,15 +187,11 @@ def tokenize(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Ten
 
 
 def make_vae(p: Preset, seed: int = 0):
-    from diffusers import AutoencoderKL
+    """The preset's ``AutoencoderDC`` (litedge.demo.autoencoder)."""
+    from litedge.demo.autoencoder import make_autoencoder
 
-    n = len(p.vae_channels)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=p.vae_channels,
-                             down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                             layers_per_block=1, norm_num_groups=p.vae_norm_groups, sample_size=p.image_size,
-                             mid_block_add_attention=False)
+    return make_autoencoder(p.ae_latent_channels, p.ae_encoder_channels, p.ae_decoder_channels, p.ae_decoder_layers,
+                            seed)
 
 
 def make_text_encoder(p: Preset, seed: int = 0):
@@ -178,11 +209,17 @@ def make_text_encoder(p: Preset, seed: int = 0):
 
 
 def make_teacher(p: Preset, seed: int = 0):
+    """PixArt-Sigma-style transformer on the autoencoder's latents, patch 1 (one token per 32x32 px)."""
     from diffusers import PixArtTransformer2DModel
 
-    if 2 * 2 * 4 > p.width:
-        raise LitedgeError(f"width {p.width} is below a token's 16 inputs (2x2 patch x 4 channels): widen the model")
-    config = _pixart_sigma(p.layers, p.heads, p.width // p.heads, p.text_width, p.latent_size)
+    if p.ae_latent_channels > p.width:
+        raise LitedgeError(f"width {p.width} is below a token's {p.ae_latent_channels} latent channels: widen the model")
+    # sample_size = the native 1024 px grid (what lit-generate makes by default), and its position
+    # embeddings laid on the 256 px base grid: interpolation_scale = 1024 / 256, as PixArt-Sigma's
+    # 1024 px model keeps its 512 px grid (identical embeddings to sample_size 8, scale 1, at every size).
+    config = _pixart_sigma(p.layers, p.heads, p.width // p.heads, p.text_width, p.image_size // p.vae_factor)
+    config.update(in_channels=p.ae_latent_channels, out_channels=2 * p.ae_latent_channels, patch_size=1,
+                  interpolation_scale=p.image_size // p.base_size)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return PixArtTransformer2DModel.from_config(config)
@@ -196,44 +233,57 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
 
 
-def _grad_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """L1 distance of horizontal and vertical finite differences of (B, 3, H, W) images."""
-    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
-    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]  # noqa: E731
-    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
-
-
-def vae_loss(model: nn.ModuleDict, pixels: torch.Tensor, g: torch.Generator, p: Preset) -> dict[str, torch.Tensor]:
-    """pixels (B, 3, H, W) in [-1, 1] -> named terms and ``total``."""
-    vae = model["vae"]
-    posterior = vae.encode(pixels).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(pixels.device)
-    recon = vae.decode(z).sample.float()
-    terms = {"l1": (recon - pixels).abs().mean(), "l2": F.mse_loss(recon, pixels),
-             "edge": _grad_l1(recon, pixels), "kl": posterior.kl().mean() / z[0].numel()}
-    terms["total"] = terms["l1"] + terms["l2"] + p.vae_edge_weight * terms["edge"] + p.vae_kl_weight * terms["kl"]
-    return terms
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """numpy's random stream of one training step (scenes, crops): a function of (seed, step) only."""
+    return np.random.default_rng(np.random.SeedSequence([seed, step, 1]))
 
 
 _SCHEDULE = L.DDPMSchedule.linear()  # PixArt's training schedule, as lit-distill's
 
 
-def teacher_loss(model: nn.ModuleDict, batch: dict[str, torch.Tensor], empty: tuple[torch.Tensor, torch.Tensor],
-                 g: torch.Generator, p: Preset) -> dict[str, torch.Tensor]:
-    """Epsilon MSE + VLB on latents (B, 4, h, w); captions (ids, mask (B, L)) dropped to ``empty`` at random."""
-    x0, ids, mask = batch["latents"], batch["ids"], batch["mask"]
+def shifted_timesteps(t: torch.Tensor, shift: float, schedule: L.DDPMSchedule = _SCHEDULE) -> torch.Tensor:
+    """Move timesteps (B,) int64 to the last discrete step whose signal-to-noise ratio is >= SNR(t) / shift**2.
+
+    The resolution-dependent shift of SD3 / SANA, on a discrete DDPM schedule: a larger image
+    of the same scene has more tokens per object, so the same noise destroys less of its
+    layout; with shift = sqrt(tokens / base tokens) training spends its steps where the layout
+    is still being decided. The model is told the step it actually sees (no schedule change).
+    """
+    if shift == 1.0:
+        return t
+    acp = schedule.alphas_cumprod.to(torch.float64)
+    a = acp[t]
+    target = a / (a + shift**2 * (1 - a))  # SNR' = SNR / shift^2
+    # alphas_cumprod decreases with t: search its reverse
+    idx = torch.searchsorted(acp.flip(0), target)
+    return (len(acp) - 1 - idx.clamp(max=len(acp) - 1)).to(t.dtype)
+
+
+def resolution_shift(p: Preset, size: int) -> float:
+    """sqrt(tokens / base tokens) = the side ratio, capped at 3 (SANA's shift at 1024 px): beyond it the
+    linear schedule's last step takes a large share of the samples."""
+    return min(size / p.base_size, 3.0)
+
+
+def teacher_loss(transformer: nn.Module, batch: dict[str, torch.Tensor], empty: torch.Tensor, g: torch.Generator,
+                 p: Preset, size: int) -> dict[str, torch.Tensor]:
+    """Epsilon MSE + VLB on latents (B, C, h, w) of ``size`` px images, text features (B, L, D) + mask (B, L).
+
+    Captions are dropped to ``empty`` (the "" prompt's features, (1, L, D)) at random; timesteps
+    are shifted by :func:`resolution_shift` (:func:`shifted_timesteps`).
+    """
+    x0, text, mask = batch["latents"].float(), batch["text"].float(), batch["mask"]
     b, device = x0.shape[0], x0.device
-    drop = (torch.rand(b, generator=g) < p.caption_dropout).to(device)[:, None]  # (B, 1)
-    ids = torch.where(drop, empty[0].to(device), ids)
-    mask = torch.where(drop, empty[1].to(device), mask)
+    drop = (torch.rand(b, generator=g) < p.caption_dropout).to(device)
+    text = torch.where(drop[:, None, None], empty[0].to(device), text)
+    mask = torch.where(drop[:, None], batch["empty_mask"], mask)
     schedule = _SCHEDULE
-    t = torch.randint(0, schedule.num_timesteps, (b,), generator=g).to(device)
+    t = torch.randint(0, schedule.num_timesteps, (b,), generator=g)
+    t = shifted_timesteps(t, resolution_shift(p, size)).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
     x_t = L.q_sample(schedule, x0, t, noise)
-    text = model["text_encoder"](input_ids=ids, attention_mask=mask)[0]  # (B, L, D)
     cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
-    transformer = model["transformer"]
-    out = transformer(**model_kwargs(transformer, "pixart", cond, x_t, t, p.image_size))[0]
+    out = transformer(**model_kwargs(transformer, "pixart", cond, x_t, t, size))[0]
     eps, var = L.split_learned_sigma(out.float(), x0.shape[1])
     weights = L.min_snr_weights(schedule, t, p.teacher_min_snr) if p.teacher_min_snr else None
     terms = {"mse": L.epsilon_mse(eps, noise, weights), "vlb": L.vlb_loss(schedule, var, eps, x0, x_t, t)}
@@ -388,19 +438,6 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
-
-
-@torch.no_grad()
-def encode_latents(vae, pixels: np.ndarray, batch: int, device: str, progress: bool = True) -> np.ndarray:
-    """uint8 images (N, H, W, 3) -> unscaled posterior means (N, 4, h, w) float32."""
-    from tqdm import tqdm
-
-    vae = vae.to(device).eval()
-    out = []
-    for i in tqdm(range(0, len(pixels), batch), desc="encoding", disable=not progress):
-        x = to_unit(pixels[i:i + batch]).to(device)
-        out.append(vae.encode(x).latent_dist.mean.float().cpu().numpy())
-    return np.concatenate(out)
 
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:

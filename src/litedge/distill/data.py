@@ -177,9 +177,11 @@ def _encode_text(captions: list[str], text_encoder, tokenizer, max_length: int) 
 
 
 def _encode_images(images: torch.Tensor, vae) -> torch.Tensor:
-    """(B, 3, R, R) in [-1, 1] -> (B, C, R/f, R/f) scaled latents (the posterior mean)."""
+    """(B, 3, R, R) in [-1, 1] -> (B, C, R/f, R/f) scaled latents (AutoencoderKL: the posterior mean;
+    AutoencoderDC: its deterministic latent)."""
     with torch.no_grad():
-        latents = vae.encode(images.to(vae.dtype)).latent_dist.mean
+        encoded = vae.encode(images.to(vae.dtype))
+        latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latent
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).float()
 

@@ -80,12 +80,13 @@ def check_config(cfg: Any) -> None:
 
 
 def vae_factor(pipeline_dir: Path | None) -> int | None:
-    """The spatial factor of the pipeline's VAE (2 ** (len(block_out_channels) - 1)), or None."""
+    """The spatial factor of the pipeline's VAE (2 ** (levels - 1); AutoencoderDC: of its encoder), or None."""
     if pipeline_dir is None:
         return None
     config = Path(pipeline_dir) / "vae" / "config.json"
     try:
-        blocks = json.loads(config.read_text(encoding="utf-8")).get("block_out_channels")
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        blocks = cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels")
     except (OSError, ValueError, AttributeError):
         return None
     return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None

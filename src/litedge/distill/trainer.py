@@ -173,7 +173,11 @@ def load_pipeline_components(pipeline_dir: Path, text: bool):
             f"{pipeline_dir}: caching SD3's three text encoders is not supported yet: "
             "build a feature cache (see litedge.distill.data) and pass it as --data"
         )
-    vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir / "vae").eval()
+    vae_class = json.loads((pipeline_dir / "vae" / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    if vae_class not in ("AutoencoderKL", "AutoencoderDC"):
+        raise LitedgeError(f"{pipeline_dir / 'vae'}: a {vae_class} cannot encode images here; "
+                           "expected a diffusers AutoencoderKL or AutoencoderDC (or pass a feature cache as --data)")
+    vae = getattr(diffusers, vae_class).from_pretrained(pipeline_dir / "vae").eval()
     if not text:
         return vae, None, None
     if not (pipeline_dir / "text_encoder").is_dir():
