@@ -371,6 +371,7 @@ MODEL_FIELDS: dict[str, Field] = {
     "clip_max_length": Field("int", 1, MAX_TEXT_LENGTH),
     "joint_attention_dim": Field("int", 1, 65536),
     "trained_sizes": Field("ints", 1, MAX_IMAGE_SIDE),  # square image sides (px) the model was trained at
+    "native_size": Field("int", 1, MAX_IMAGE_SIDE),  # what lit-generate makes when not told (px, square)
 }
 TARGET_FIELDS: dict[str, Field] = {
     "name": Field("str"), "format": Field("str"), "providers": Field("strs"),

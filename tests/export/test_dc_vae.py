@@ -19,8 +19,9 @@ import torch
 from litedge.errors import LitedgeError
 
 LATENT_CHANNELS = 16
-SAMPLE_SIZE = 4  # latent pixels: native 128 px at f32
+SAMPLE_SIZE = 4  # latent pixels: the position grid's base, 128 px at f32
 DECLARED_TRAINED = [128, 256]  # transformer/config.json "trained_sizes"
+DECLARED_NATIVE = 256  # transformer/config.json "native_size" (as the demo: native above its base grid)
 
 
 def tiny_dc_vae(block_types: str | tuple[str, ...] = "ResBlock"):
@@ -42,7 +43,7 @@ def tiny_dc_vae(block_types: str | tuple[str, ...] = "ResBlock"):
 
 def make_dc_pipeline(out: Path, vae=None) -> Path:
     """A PixArt-Sigma pipeline directory whose VAE is :func:`tiny_dc_vae` and whose LiT transformer
-    (patch 1, in_channels = the VAE's latent channels) declares ``trained_sizes``."""
+    (patch 1, in_channels = the VAE's latent channels) declares ``trained_sizes`` and ``native_size``."""
     from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
     from litedge.models.configs import _pixart_sigma
@@ -52,7 +53,8 @@ def make_dc_pipeline(out: Path, vae=None) -> Path:
 
     out.mkdir(parents=True)
     config = dict(_pixart_sigma(2, 4, 16, 32, SAMPLE_SIZE), in_channels=LATENT_CHANNELS,
-                  out_channels=2 * LATENT_CHANNELS, patch_size=1, trained_sizes=DECLARED_TRAINED)
+                  out_channels=2 * LATENT_CHANNELS, patch_size=1, trained_sizes=DECLARED_TRAINED,
+                  native_size=DECLARED_NATIVE)
     torch.manual_seed(1)
     model = PixArtTransformer2DModel.from_config(config)
     linearize_(model, LinearizeConfig(family="lit", heads=2))
@@ -114,9 +116,10 @@ def test_manifest_records_the_dc_vae_and_the_declared_trained_sizes(dc_bundle):
     model, vae = manifest["model"], manifest["components"]["vae_decoder"]
     assert model["vae_scale_factor"] == 32 and model["latent_channels"] == LATENT_CHANNELS
     assert model["vae_scaling_factor"] == pytest.approx(0.7) and model["patch_size"] == 1
-    assert model["trained_sizes"] == DECLARED_TRAINED  # from transformer/config.json
-    assert manifest["defaults"]["height"] == manifest["defaults"]["width"] == SAMPLE_SIZE * 32  # native size
+    assert model["trained_sizes"] == DECLARED_TRAINED and model["native_size"] == DECLARED_NATIVE  # as declared
+    assert manifest["defaults"]["height"] == manifest["defaults"]["width"] == DECLARED_NATIVE
     assert vae["meta"]["vae_class"] == "AutoencoderDC" and vae["meta"]["vae_scale_factor"] == 32
+    assert vae["meta"]["decoder_channels"] == [8, 8, 16, 16, 32, 32]
     assert vae["inputs"]["latent"]["shape"] == ["batch", LATENT_CHANNELS, "height", "width"]
 
 
@@ -126,7 +129,7 @@ def test_generation_decodes_the_final_latents_as_diffusers_does(dc_pipeline, dc_
     from litedge.runtime import Pipeline
 
     pipe = Pipeline.from_bundle(dc_bundle, device="cpu")
-    assert pipe.vae_factor == 32 and (pipe.vae_tile, pipe.vae_overlap) == (32, 16)
+    assert pipe.vae_factor == 32 and (pipe.vae_tile, pipe.vae_overlap) == (128, 16)  # 8 full-res channels: 4096 px
     out = pipe("a red cat", height=96, width=160, steps=2, output_type="np", progress=False)
     assert out.images.shape == (1, 96, 160, 3) and out.latents.shape == (1, LATENT_CHANNELS, 3, 5)
     vae = AutoencoderDC.from_pretrained(dc_pipeline / "vae").eval()
@@ -153,7 +156,7 @@ def test_lit_generate_at_multiples_of_32_and_its_native_size(dc_bundle, tmp_path
     code, _, err = _generate(["a cat", "--bundle", dc_bundle, "--steps", 1, "--quiet", "-o", tmp_path / "n.png"],
                              capsys)
     assert code == 0, err
-    assert Image.open(tmp_path / "n.png").size == (128, 128)  # no size: the native 4 latents x 32
+    assert Image.open(tmp_path / "n.png").size == (256, 256)  # no size: the declared native size
     code, _, err = _generate(["a cat", "--bundle", dc_bundle, "--size", 100, "--quiet", "-o", tmp_path / "x.png"],
                              capsys)
     assert code == 2 and err.count("\n") == 1 and "multiple of 32 (VAE factor 32 x patch size 1)" in err, err
@@ -200,7 +203,7 @@ def test_an_unsupported_or_mismatched_vae_is_one_line(edit, message, dc_pipeline
 
 def test_trained_sizes_must_be_multiples_of_the_vae_factor(dc_pipeline, tmp_path, capsys):
     code, err = _export_cli([dc_pipeline, "--trained-sizes", "256,300", "-o", tmp_path / "x.litedge"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "--trained-sizes 300: trained sizes must be positive multiples " \
+    assert code == 2 and err.count("\n") == 1 and "--trained-sizes 300: image sizes must be positive multiples " \
         "of 32" in err, err
 
 
@@ -223,8 +226,25 @@ def test_trained_sizes_flag_then_config_then_native():
         _trained_sizes(plain, _loaded(sample_size=32, patch_size=1, trained_sizes="1024"), 32)
 
 
-def test_the_export_flag_parses_comma_separated_sizes():
+def test_native_size_flag_then_config_then_sample_size():
+    from litedge.export.bundle_export import ExportConfig, _native_size
+
+    flag = ExportConfig(out=Path("x.litedge"), config_name="tiny-LiT-T2I-XL", native_size=2048)
+    plain = ExportConfig(out=Path("x.litedge"), config_name="tiny-LiT-T2I-XL")
+    loaded = _loaded(sample_size=8, patch_size=1, native_size=1024)
+    assert _native_size(flag, loaded, 32) == 2048 and _native_size(plain, loaded, 32) == 1024
+    assert _native_size(plain, _loaded(sample_size=8, patch_size=1), 32) == 256
+    with pytest.raises(LitedgeError, match="--native-size 1000: image sizes must be positive multiples of 32"):
+        _native_size(ExportConfig(out=Path("x.litedge"), config_name="tiny-LiT-T2I-XL", native_size=1000), loaded, 32)
+    # no --trained-sizes and none declared: the native size
+    from litedge.export.bundle_export import _trained_sizes
+
+    assert _trained_sizes(plain, loaded, 32) == [1024]
+
+
+def test_the_export_flags_parse():
     from litedge.cli.export import build_parser
 
-    args = build_parser().parse_args(["src", "-o", "x.litedge", "--trained-sizes", "256,512,1024"])
-    assert args.trained_sizes == (256, 512, 1024)
+    args = build_parser().parse_args(["src", "-o", "x.litedge", "--trained-sizes", "256,512,1024",
+                                      "--native-size", "1024"])
+    assert args.trained_sizes == (256, 512, 1024) and args.native_size == 1024

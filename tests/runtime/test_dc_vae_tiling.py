@@ -4,7 +4,7 @@ At f32 one latent pixel is 32 image pixels, so the decoder's context (its recept
 spans several latent pixels: the runtime's tiles for factors >= 16 are 32 latents with a
 16-latent overlap, blended over the middle half of each overlap (litedge.runtime.vae). A
 ResBlock-only DC-AE (no attention: every output pixel depends on a bounded latent window)
-must then decode tiled as untiled, to well under one 8-bit level.
+must then decode with 32-latent tiles (SANA's width) as untiled, to well under one 8-bit level.
 """
 
 import numpy as np
@@ -75,6 +75,8 @@ def test_fades_of_neighbours_sum_to_one():
     assert w[:4].max() == 0 and w[12:32].min() == 1 and w[-2:].max() == 0
 
 
-def test_default_tiling_by_factor():
-    assert default_tiling(4) == default_tiling(8) == (64, 16)  # 512 px tiles at f8, as before
-    assert default_tiling(16) == default_tiling(32) == (32, 16)  # 1024 px tiles at f32
+def test_default_tiling_by_factor_and_decoder_width():
+    assert default_tiling(4) == default_tiling(8) == default_tiling(8, [128]) == (64, 16)  # f8: 512 px, as before
+    assert default_tiling(32) == default_tiling(32, [128]) == (32, 16)  # SANA's DC-AE width: 1024 px tiles
+    assert default_tiling(32, [16, 32, 64]) == (90, 16)  # the demo's: 2048 px (64 latents) in one pass
+    assert default_tiling(32, [512]) == (32, 16) and default_tiling(16, [256]) == (45, 16)  # >= 32 latents

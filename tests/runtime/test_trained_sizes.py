@@ -77,7 +77,11 @@ def test_lit_info_shows_the_trained_sizes(tmp_path, pixart_bundle, capsys):
     (copy / "manifest.json").write_text(json.dumps(data))
     assert main([str(copy)]) == 0
     assert "native size 64x64 px; trained at 64, 128, 256 px" in capsys.readouterr().out
-    del data["model"]["trained_sizes"]
+    data["model"]["native_size"] = 128  # a declared native size wins over sample_size x factor
+    (copy / "manifest.json").write_text(json.dumps(data))
+    assert main([str(copy)]) == 0
+    assert "native size 128x128 px; trained at 64, 128, 256 px" in capsys.readouterr().out
+    del data["model"]["trained_sizes"], data["model"]["native_size"]
     (copy / "manifest.json").write_text(json.dumps(data))
     assert main([str(copy)]) == 0
     assert "native size 64x64 px (trained sizes not recorded)" in capsys.readouterr().out

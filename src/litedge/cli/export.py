@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image sizes in px the model was trained at, e.g. 256,512,1024, recorded in the manifest "
                         "(lit-generate warns for sizes far from them; default: the transformer config's trained_sizes, "
                         "else its native size sample_size x VAE factor)")
+    parser.add_argument("--native-size", type=int, metavar="PX",
+                        help="the square size lit-generate makes when not told, e.g. 1024 (default: the transformer "
+                        "config's native_size, else sample_size x VAE factor)")
     parser.add_argument("--soc", help="snapdragon: SoC to compile for, e.g. sm8650 or sm8750")
     parser.add_argument("--hub", dest="hub_device", metavar="DEVICE",
                         help="snapdragon: also compile and profile on this Qualcomm AI Hub device (needs a qai-hub token)")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             text_encoder_weights=args.text_encoder_weights,
             sizes=args.sizes, keep_fp=tuple(args.keep_fp), soc=args.soc, hub_device=args.hub_device, force=args.force,
             text_max_length=args.text_max_length, steps=args.steps, guidance_scale=args.guidance_scale,
-            teacher=args.teacher, trained_sizes=args.trained_sizes,
+            teacher=args.teacher, trained_sizes=args.trained_sizes, native_size=args.native_size,
         )
         report = export_bundle(cfg)
         for name, fid in report.fidelity.items():

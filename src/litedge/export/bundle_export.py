@@ -54,8 +54,12 @@ class ExportConfig:
             higher-precision encoder than the transformer); None: as ``weights``.
         trained_sizes: the square image sizes (px) the model was trained at, recorded as the
             manifest's ``model.trained_sizes`` (lit-generate warns far from them); () takes the
-            transformer config's ``trained_sizes`` if it has one, else its native size
-            (sample_size x VAE factor).
+            transformer config's ``trained_sizes`` if it has one, else the native size.
+        native_size: the square size (px) lit-generate makes when not told, recorded as
+            ``model.native_size`` and ``defaults.height/width``; None takes the transformer
+            config's ``native_size`` if it has one, else sample_size x VAE factor (a model whose
+            position grid is laid on a smaller base size, as PixArt's ``interpolation_scale``,
+            can be native at a larger size than its sample_size says).
     """
 
     out: Path
@@ -74,9 +78,12 @@ class ExportConfig:
     text_encoder_weights: str | None = None
     teacher: bool = False  # export the softmax teacher, attention in query chunks (rewrites.bound_attention_)
     trained_sizes: tuple[int, ...] = ()
+    native_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_trained_sizes(self.trained_sizes, "--trained-sizes")
+        if self.native_size is not None:
+            _check_trained_sizes([self.native_size], "--native-size")
         if self.steps is not None and self.steps < 1:
             raise LitedgeError(f"--steps {self.steps}: expected a default step count >= 1")
         if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
@@ -92,14 +99,26 @@ def _check_trained_sizes(sizes, where: str, multiple: int = 1) -> tuple[int, ...
         raise LitedgeError(f"{where} {sizes!r}: expected a list of image sizes in pixels, e.g. [256, 512, 1024]")
     bad = [s for s in sizes if not 0 < s <= MAX_IMAGE_SIDE or s % multiple]
     if bad:
-        raise LitedgeError(f"{where} {','.join(map(str, bad))}: trained sizes must be positive multiples of {multiple} "
+        raise LitedgeError(f"{where} {','.join(map(str, bad))}: image sizes must be positive multiples of {multiple} "
                            f"(VAE factor x patch size) up to {MAX_IMAGE_SIDE} px")
     return tuple(sorted(set(sizes)))
 
 
+def _native_size(cfg: ExportConfig, loaded, factor: int) -> int:
+    """--native-size, else the transformer config's ``native_size``, else sample_size x VAE factor ``factor``."""
+    config = loaded.transformer.config
+    multiple = factor * int(config.patch_size)
+    if cfg.native_size is not None:
+        return _check_trained_sizes([cfg.native_size], "--native-size", multiple)[0]
+    declared = config.get("native_size")  # diffusers keeps the unknown keys of a config.json in .config
+    if declared is not None:
+        return _check_trained_sizes([declared], "transformer/config.json native_size", multiple)[0]
+    return int(config.sample_size) * factor
+
+
 def _trained_sizes(cfg: ExportConfig, loaded, factor: int) -> list[int]:
     """What the manifest records as ``trained_sizes``: --trained-sizes, else the transformer config's
-    ``trained_sizes``, else the native size (sample_size x VAE factor ``factor``)."""
+    ``trained_sizes``, else [the native size] (:func:`_native_size`)."""
     config = loaded.transformer.config
     multiple = factor * int(config.patch_size)
     if cfg.trained_sizes:
@@ -107,7 +126,7 @@ def _trained_sizes(cfg: ExportConfig, loaded, factor: int) -> list[int]:
     declared = config.get("trained_sizes")  # diffusers keeps the unknown keys of a config.json in .config
     if declared is not None:
         return list(_check_trained_sizes(declared, "transformer/config.json trained_sizes", multiple))
-    return [int(config.sample_size) * factor]
+    return [_native_size(cfg, loaded, factor)]
 
 
 def _load(cfg: ExportConfig, workdir: Path):
@@ -405,6 +424,7 @@ def _export(cfg, target, options, report, backend, writer, workdir: Path) -> Exp
     loaded = _load(cfg, workdir)
     _check_sizes(cfg.sizes, loaded.transformer.config.patch_size, options.vae_scale_factor)
     trained_sizes = _trained_sizes(cfg, loaded, options.vae_scale_factor)  # refused before any export work
+    native = _native_size(cfg, loaded, options.vae_scale_factor)
     _check_vae_latents(loaded)
     base = BASE_DEFAULTS[loaded.kind]
     with writer:
@@ -419,10 +439,9 @@ def _export(cfg, target, options, report, backend, writer, workdir: Path) -> Exp
         tokenizer = _export_text_encoders(loaded, backend, writer)
         backend.finish(writer)
         model_section = _model_section(loaded, vae, cfg.text_max_length or base["text_max_length"])
-        model_section["trained_sizes"] = trained_sizes
-        # The model's native resolution: latent sample_size x the VAE's own factor (f8 usual, f32 DC-AE);
-        # a static bundle without a graph at that size defaults to its first --sizes bucket.
-        native = model_section["sample_size"] * model_section["vae_scale_factor"]
+        model_section.update(trained_sizes=trained_sizes, native_size=native)
+        # The model's native resolution (by default latent sample_size x the VAE's own factor: f8 usual,
+        # f32 DC-AE); a static bundle without a graph at that size defaults to its first --sizes bucket.
         size = cfg.sizes[0] if cfg.sizes and native not in cfg.sizes else native
         writer.set(
             model=model_section,

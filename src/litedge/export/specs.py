@@ -410,6 +410,9 @@ class VaeDecoderWrapper(nn.Module):
             "shift_factor": float(cfg.shift_factor) if getattr(cfg, "shift_factor", None) is not None else 0.0,
             "per_channel_latents_stats": getattr(cfg, "latents_mean", None) is not None,
             "vae_scale_factor": self.scale_factor,
+            # channels per decoder stage, full resolution first (the runtime's memory estimate)
+            "decoder_channels": [int(c) for c in (cfg.decoder_block_out_channels if self.kind == "dc"
+                                                  else cfg.block_out_channels)],
             "output_range": [-1.0, 1.0],  # image = clamp(decode(z), -1, 1); pixels = (image + 1) * 127.5
         }
 

@@ -91,7 +91,8 @@ def memory_estimate(manifest: Manifest, bundle_dir: Path, height: int, width: in
     ``width`` pixels, ``batch`` images (:func:`litedge.runtime.memory.estimate_bytes`)."""
     model = Model.of(manifest, bundle_dir)
     static_vae = bool(manifest.components.get("vae_decoder") and manifest.components["vae_decoder"].meta.get("buckets"))
-    tile = default_tiling(model.factor)[0]  # what the Pipeline decodes with
+    vae = manifest.components.get("vae_decoder")
+    tile = default_tiling(model.factor, vae.meta.get("decoder_channels") if vae else None)[0]  # as the Pipeline
     total = estimate_bytes(model, Shape(height, width, batch, guided, vae_tile=None if static_vae else tile))
     return {"estimate_bytes": int(total), "weights_bytes": int(model.weights),
             "at": {"height": height, "width": width, "batch": batch, "guided": guided}}
@@ -127,8 +128,8 @@ def bundle_info(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]
     Keys: ``path``, ``name``, ``format``, ``version``, ``created_by``, ``model``, ``target``,
     ``components`` (file, bytes, shapes, precision, weights, inputs, outputs, target-specific
     meta, buckets), ``total_bytes``, ``sizes`` ("dynamic" or the static "HxW" list),
-    ``native_size`` ("HxW": sample_size x VAE factor), ``trained_sizes`` (when the manifest
-    records them), ``defaults``, ``scheduler``, ``fidelity`` (rel / max abs error per check),
+    ``native_size`` ("HxW": the manifest's ``native_size``, else sample_size x VAE factor),
+    ``trained_sizes`` (when the manifest records them), ``defaults``, ``scheduler``, ``fidelity`` (rel / max abs error per check),
     ``memory`` (:func:`memory_estimate` at the default size) and ``verified`` (sha256 checked).
 
     Raises:
@@ -141,7 +142,7 @@ def bundle_info(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]
     m, d = manifest.model, manifest.defaults
     factor = int(m.get("vae_scale_factor", 8))
     components = {name: _component(bundle_dir, comp, manifest.target) for name, comp in manifest.components.items()}
-    native = int(m["sample_size"]) * factor if isinstance(m.get("sample_size"), int) else None
+    native = m.get("native_size") or (int(m["sample_size"]) * factor if isinstance(m.get("sample_size"), int) else None)
     height = int(d.get("height") or native or 1024)
     width = int(d.get("width") or height)
     guided = float(d.get("guidance_scale", 4.5)) != 1.0

@@ -16,14 +16,21 @@ weight size)::
     latents     rows x C x h x w x 4 x 6   (h = H/f; noise, guidance halves, solver history)
     transformer rows x N x D x 4 x 8 (N = h/p x w/p tokens; residual, qkv, 4x MLP live)
                 (+ rows x N^2 x 4 for softmax-attention families: one head's scores)
-    vae         B x (tile x f)^2 x c_v x 4, c_v = sqrt(vae parameters / 40) channels
-                (calibrated on SDXL's VAE: +3.9 GB at 1024 px untiled, docs/design.md)
+    vae         B x (tile x f)^2 x c_v x 4, c_v = k x the decoder's full-resolution channels
+                (the vae_decoder meta's ``decoder_channels[0]``: SDXL 128, SANA's DC-AE 128),
+                k = 9 for an AutoencoderKL (calibrated on SDXL's VAE: +3.9 GB at 1024 px
+                untiled, docs/design.md), 4 for an AutoencoderDC (the demo's f32 DC-AE,
+                c0 = 16: 1.13 GB peak RSS decoding 2048 px untiled in onnxruntime); bundles
+                without it: c_v = sqrt(vae parameters / 40), also calibrated on SDXL. ``tile``
+                is the runtime's (litedge.runtime.vae.default_tiling).
     text        rows x L x D_text x 4 x 8
 
 The activation terms are doubled (onnxruntime's arena grows by doubling) and 256 MiB are
 added for the process itself (interpreter, numpy, onnxruntime). Measured on the tiny test
-bundle at 2048 px: estimate 640 MiB, peak RSS 657 MiB; on the demo bundle at 512 px: 399
-MiB estimated, 274 MiB peak RSS (``/usr/bin/time -f %M lit-generate ...``).
+bundle at 2048 px: estimate 730 MiB (640 MiB before ``decoder_channels``), peak RSS 658 MiB;
+on the tiny f32 DC-AE bundle of tests/export/test_dc_vae.py at 2048 px (3 x 3 tiles): 1,096
+MiB estimated, 800 MiB peak RSS; on the demo bundle at 512 px: 399 MiB estimated, 274 MiB
+peak RSS (``/usr/bin/time -f %M lit-generate ... --steps 2``).
 
 ``rows`` is 2B with classifier-free guidance, else B. It is an estimate, not a bound:
 generous where the manifest is silent, so what it accepts runs; what it refuses would not
@@ -115,6 +122,10 @@ class Model:
             width = max(64, int(math.sqrt(max(transformer_bytes, 1) / 4 / 12 / 28)))
         vae_bytes = _file_bytes(bundle_dir, manifest, ("vae_decoder",))
         vae_channels = max(16, int(math.sqrt(max(vae_bytes, 1) / 4 / 40)))
+        vae = manifest.components.get("vae_decoder")
+        stages = vae.meta.get("decoder_channels") if vae is not None else None
+        if isinstance(stages, list) and stages and _int(stages[0], 0):  # activations scale with the full-res stage
+            vae_channels = max(16, (4 if vae.meta.get("vae_class") == "AutoencoderDC" else 9) * stages[0])
         batch = manifest.components["transformer"].meta.get("batch") if "transformer" in manifest.components else None
         return cls(
             factor=_int(m.get("vae_scale_factor"), 8), patch=_int(m.get("patch_size"), 2),

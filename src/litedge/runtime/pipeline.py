@@ -145,7 +145,9 @@ class Pipeline:
         self.learned_sigma = bool(model.get("learned_sigma", False))
         self.kind = self._kind()
         self.conditioner: Conditioner = CONDITIONERS[self.kind](self)
-        self.vae_tile, self.vae_overlap = default_tiling(self.vae_factor)  # latent pixels; vae_tile = 0 never tiles
+        vae = manifest.components.get("vae_decoder")
+        self.vae_tile, self.vae_overlap = default_tiling(  # latent pixels; vae_tile = 0 never tiles
+            self.vae_factor, vae.meta.get("decoder_channels") if vae is not None else None)
         self._sessions: dict[str, ComponentSession] = {}
         self._text_cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
         self._text_keep = 0  # encodings the current call still needs (never evicted before it ends)
@@ -228,7 +230,7 @@ class Pipeline:
         ``batch`` is the images per prompt; ``generator`` an int seed, a numpy Generator or a
         list of them (one per image)."""
         d, m = self.manifest.defaults, self.manifest.model
-        fallback = int(m.get("sample_size", 128)) * self.vae_factor
+        fallback = int(m.get("native_size") or int(m.get("sample_size", 128)) * self.vae_factor)
         height = height if height is not None else d.get("height", fallback)
         width = width if width is not None else d.get("width", height)
         steps = steps if steps is not None else d.get("steps", 20)
