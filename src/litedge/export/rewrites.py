@@ -14,12 +14,16 @@ when the ``with`` block or call ends, even on error.
 - :func:`dynamic_pos_embed`: makes diffusers' ``PatchEmbed`` recompute its sin-cos position
   embedding from the input's height and width on every call, so a traced graph computes it
   for the size it is run at instead of baking the stored table of the config's size.
+- :func:`fuse_written_graph`: onnxruntime's transformer fusions (FastGelu, SkipLayerNorm)
+  applied to a graph already written with its weights in an external data file, without
+  loading those weights (the cpu target's transformer, before its parity check).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -265,3 +269,40 @@ def teacher_for_export(loaded, *, bounded: bool = True) -> None:
                            "pipeline directory, or --config NAME --random-weights --teacher")
     if bounded:
         bound_attention_(loaded.transformer)
+
+
+# ----------------------------------------------------------------------------- fusions on a written graph
+
+SMALL_TENSOR_BYTES = 1 << 16  # external tensors up to this size are read for the fusion (shape constants)
+
+
+def fuse_written_graph(path: str | Path, component: str = "transformer") -> dict[str, int]:
+    """Rewrite the ONNX graph at ``path`` in place with onnxruntime's CPU-runnable transformer
+    fusions (:func:`litedge.export.fp16_backend.fuse_fp32`): the GELU-tanh chain becomes one
+    ``FastGelu``, each residual Add + LayerNorm one ``SkipLayerNormalization``.
+
+    The weights stay where they are: the graph is loaded without its external data, only the
+    external tensors of at most :data:`SMALL_TENSOR_BYTES` (shape constants the symbolic shape
+    inference reads) are brought inline, and the saved graph keeps every other tensor's
+    reference (file, offset) into the same data file. A 2.4 GB fp32 transformer fuses in the
+    memory of its graph. Returns the fused op counts (``fused_op_counts``).
+    """
+    import numpy as np
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    from litedge.export.fp16_backend import fuse_fp32, fused_op_counts
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor) and int(np.prod(tensor.dims)) * 8 <= SMALL_TENSOR_BYTES:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    fused = fuse_fp32(model, component)
+    del model
+    tmp = path.with_name(path.name + ".fusing")
+    onnx.save(fused, str(tmp))
+    tmp.replace(path)
+    return fused_op_counts(fused)
