@@ -19,8 +19,9 @@ weight size)::
     vae         B x (tile x f)^2 x c_v x 4, c_v = k x the decoder's full-resolution channels
                 (the vae_decoder meta's ``decoder_channels[0]``: SDXL 128, SANA's DC-AE 128),
                 k = 9 for an AutoencoderKL (calibrated on SDXL's VAE: +3.9 GB at 1024 px
-                untiled, docs/design.md), 4 for an AutoencoderDC (the demo's f32 DC-AE,
-                c0 = 16: 1.13 GB peak RSS decoding 2048 px untiled in onnxruntime); bundles
+                untiled, docs/design.md), 4 for an AutoencoderDC, at least 64 (narrow f32
+                DC-AEs hold ~250 bytes per output pixel whatever their width: c0 = 16, 1.13 GB
+                and c0 = 8, 1.35 GB peak RSS decoding 2048 px untiled in onnxruntime); bundles
                 without it: c_v = sqrt(vae parameters / 40), also calibrated on SDXL. ``tile``
                 is the runtime's (litedge.runtime.vae.default_tiling).
     text        rows x L x D_text x 4 x 8
@@ -28,8 +29,8 @@ weight size)::
 The activation terms are doubled (onnxruntime's arena grows by doubling) and 256 MiB are
 added for the process itself (interpreter, numpy, onnxruntime). Measured on the tiny test
 bundle at 2048 px: estimate 730 MiB (640 MiB before ``decoder_channels``), peak RSS 658 MiB;
-on the tiny f32 DC-AE bundle of tests/export/test_dc_vae.py at 2048 px (3 x 3 tiles): 1,096
-MiB estimated, 800 MiB peak RSS; on the demo bundle at 512 px: 399 MiB estimated, 274 MiB
+on the tiny f32 DC-AE bundle of tests/export/test_dc_vae.py at 2048 px (decoded in one pass):
+2,568 MiB estimated, 1,348 MiB peak RSS; on the demo bundle at 512 px: 399 MiB estimated, 274 MiB
 peak RSS (``/usr/bin/time -f %M lit-generate ... --steps 2``).
 
 ``rows`` is 2B with classifier-free guidance, else B. It is an estimate, not a bound:
@@ -125,7 +126,8 @@ class Model:
         vae = manifest.components.get("vae_decoder")
         stages = vae.meta.get("decoder_channels") if vae is not None else None
         if isinstance(stages, list) and stages and _int(stages[0], 0):  # activations scale with the full-res stage
-            vae_channels = max(16, (4 if vae.meta.get("vae_class") == "AutoencoderDC" else 9) * stages[0])
+            dc = vae.meta.get("vae_class") == "AutoencoderDC"
+            vae_channels = max(64, 4 * stages[0]) if dc else max(16, 9 * stages[0])
         batch = manifest.components["transformer"].meta.get("batch") if "transformer" in manifest.components else None
         return cls(
             factor=_int(m.get("vae_scale_factor"), 8), patch=_int(m.get("patch_size"), 2),
