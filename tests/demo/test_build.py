@@ -48,6 +48,9 @@ def test_every_stage_done(built):
     assert sum(ph["steps"] for ph in teacher["phases"]) == 5
     vae = json.loads(paths.done("vae").read_text())
     assert vae["factor"] == 32 and vae["latent_channels"] == 8 and vae["scaling_factor"] > 0
+    student = json.loads(paths.done("student").read_text())
+    assert [(ph["size"], ph["until_step"]) for ph in student["phases"]] == [(64, 2), (128, 3)] and student["steps"] == 3
+    assert (paths.run("student") / "cache" / "128px").is_dir()  # the second phase distilled at its own size
     text = json.loads(paths.done("text").read_text())
     assert set(text["accuracy"]) == {"train", "eval"}
 

@@ -384,7 +384,33 @@ def stage_teacher(cfg: BuildConfig, paths: Paths) -> dict:
     return {**figures, "phases": phases, "transformer_params": params, "width": p.width, "layers": p.layers}
 
 
+def _student_data(cfg: BuildConfig, paths: Paths, size: int, scenes: int) -> Path:
+    """runs/student/data-SIZE.jsonl: training images at ``size`` px (the base size: the data stage's PNGs;
+    others rendered once into runs/student/images-SIZE/) with the teacher's caption dropout ("" 10%)."""
+    from litedge.demo.shapes import render, training_scenes
+
+    run = paths.run("student")
+    data = run / f"data-{size}.jsonl"
+    rows = _rows(paths.stage("data") / "metadata.jsonl")[:scenes]
+    if size == cfg.p.data_size:
+        files = [paths.stage("data") / r["file"] for r in rows]
+    else:
+        folder = run / f"images-{size}"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = [folder / r["file"] for r in rows]
+        for scene, file in zip(training_scenes(len(rows), cfg.seed), files):
+            if not file.is_file():
+                tmp = file.with_name(f".{file.name}.tmp.png")
+                render(scene, size).save(tmp)
+                os.replace(tmp, file)
+    drop = np.random.default_rng(cfg.seed).random(len(rows)) < cfg.p.caption_dropout
+    data.write_text("".join(json.dumps({"path": os.path.relpath(f, run), "caption": "" if d else r["caption"]}) + "\n"
+                            for f, r, d in zip(files, rows, drop)))
+    return data
+
+
 def stage_student(cfg: BuildConfig, paths: Paths) -> dict:
+    """lit-distill in phases (Preset.student_phases): most steps at the base size, then a resumed run at 1024 px."""
     from litedge.distill import DistillConfig, distill
     from litedge.distill.checkpoint import find_latest
     from litedge.models.loading import load_model
@@ -392,28 +418,32 @@ def stage_student(cfg: BuildConfig, paths: Paths) -> dict:
     _require(paths, "data", "teacher")
     p, run = cfg.p, paths.run("student")
     run.mkdir(parents=True, exist_ok=True)
-    data = run / "data.jsonl"  # the teacher's captions, with its caption dropout: the student learns "" too
-    rng = np.random.default_rng(cfg.seed)
-    rows = _rows(paths.stage("data") / "metadata.jsonl")
-    drop = rng.random(len(rows)) < p.caption_dropout
-    data.write_text("".join(json.dumps({"path": os.path.relpath(paths.stage("data") / r["file"], run),
-                                        "caption": "" if d else r["caption"]}) + "\n" for r, d in zip(rows, drop)))
-    cuda = cfg.device.startswith("cuda")
-    config = DistillConfig(
-        teacher=str(paths.stage("teacher")), family="lit", data=str(data), out=str(run), resolution=p.data_size,
-        steps=cfg.steps_of("student"), batch=cfg.batch_of("student"), lr=p.student_lr, ema=p.ema,
-        save_every=p.save_every, seed=cfg.seed, resume=cfg.resume and find_latest(run) is not None,
-        heads=p.student_heads, text_max_length=p.text_max_length, device=cfg.device,
-        precision="bf16" if cuda else "fp32", progress=cfg.progress)
+    steps, cuda = cfg.steps_of("student"), cfg.device.startswith("cuda")
+    total, end, phases, result = sum(share for _, share, _, _ in p.student_phases), 0.0, [], None
     start = time.perf_counter()
-    result = distill(config)
+    for i, (size, share, batch, scenes) in enumerate(p.student_phases):
+        end += share / total * steps
+        phase_end = steps if i == len(p.student_phases) - 1 else round(end)
+        batch = cfg.batch_of("student") if size == p.data_size else batch
+        latest = find_latest(run)
+        done = int(json.loads((latest / "state.json").read_text())["step"]) if latest is not None else 0
+        phases.append({"size": size, "batch": batch, "until_step": phase_end})
+        if done >= phase_end and i < len(p.student_phases) - 1:
+            continue
+        config = DistillConfig(
+            teacher=str(paths.stage("teacher")), family="lit", data=str(_student_data(cfg, paths, size, scenes)),
+            out=str(run), resolution=size, steps=phase_end, batch=batch, lr=p.student_lr, ema=p.ema,
+            save_every=p.save_every, seed=cfg.seed, resume=latest is not None and (cfg.resume or i > 0),
+            heads=p.student_heads, text_max_length=p.text_max_length, device=cfg.device,
+            precision="bf16" if cuda else "fp32", progress=cfg.progress)
+        result = distill(config)
     seconds = time.perf_counter() - start
     _atomic_dir(paths.stage("student"), lambda tmp: shutil.copytree(result.student_dir, tmp, dirs_exist_ok=True))
     loaded = load_model(paths.stage("student"))
     if loaded.family != "lit":
         raise LitedgeError(f"{paths.stage('student')} holds a {loaded.family} model, expected a lit student")
     rates = _column(run / "losses.csv", "steps_per_s")
-    return {"steps": result.step, "batch": config.batch, "seconds_incl_cache": round(seconds, 2),
+    return {"steps": result.step, "phases": phases, "seconds_incl_cache": round(seconds, 2),
             "steps_per_s": round(float(np.median(rates)), 3) if rates else None,
             "final_losses": result.losses, "heads": p.student_heads, "family": loaded.family}
 

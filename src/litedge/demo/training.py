@@ -103,7 +103,9 @@ class Preset:
     teacher_min_snr: float | None = 5.0  # Min-SNR-gamma weighting of the epsilon loss; None: unweighted
     caption_dropout: float = 0.1
     student_steps: int = 3_000
-    student_batch: int = 32
+    student_batch: int = 32  # of the base phase (the others: student_phases)
+    # (size px, share of the student's steps, batch, scenes): lit-distill at the base size, then resumed at 1024
+    student_phases: tuple[tuple[int, float, int, int], ...] = ((256, 0.9, 32, 8_000), (1024, 0.1, 4, 600))
     student_lr: float = 2e-4
     student_heads: int = 2
     warmup: int = 300
@@ -137,7 +139,8 @@ PRESETS = {
                    ae_decoder_layers=(1,) * 6, ae_crop=64, vae_steps=3, vae_batch=2, width=32, heads=2, layers=2,
                    text_width=32, text_layers=1, text_heads=2, text_steps=3, text_batch=8,
                    teacher_phases=((64, 0.6, 4, 64), (128, 0.4, 2, 8)), teacher_steps=5, teacher_batch=4,
-                   student_steps=3, student_batch=4, warmup=1, save_every=2, eval_steps=2, grid_prompts=5,
+                   student_steps=3, student_batch=4, student_phases=((64, 0.67, 4, 64), (128, 0.33, 2, 8)),
+                   warmup=1, save_every=2, eval_steps=2, grid_prompts=5,
                    eval_sizes=(128, 64), latency_sizes=(64,), latency_repeat=1),
 }
 
