@@ -321,20 +321,23 @@ def vae_latent_channels(config) -> int:
 
 
 @contextlib.contextmanager
-def _nonnegative_movedim():
-    """``Tensor.movedim`` with its dims made non-negative while tracing.
+def _movedim_as_permute():
+    """``Tensor.movedim`` written as ``Tensor.permute`` while tracing.
 
-    AutoencoderDC applies RMSNorm channels-last (``x.movedim(1, -1)``, ``.movedim(-1, 1)``);
+    AutoencoderDC applies RMSNorm channels-last (``x.movedim(1, -1)``, ``.movedim(-1, 1)``).
     torch's legacy ONNX exporter writes ``movedim(-1, 1)`` as a Transpose with ``perm
-    [0, -1, 1, 2]``, which onnxruntime refuses. ``movedim(3, 1)`` is the same operation.
+    [0, -1, 1, 2]``, which onnxruntime refuses, and coremltools has no ``movedim``; the
+    same permutation as a ``permute`` exports to both.
     """
     original = torch.Tensor.movedim
 
     def movedim(self, source, destination):
-        def fix(d):
-            return d % self.dim() if isinstance(d, int) else type(d)(i % self.dim() for i in d)
-
-        return original(self, fix(source), fix(destination))
+        n = self.dim()
+        src = [d % n for d in ([source] if isinstance(source, int) else source)]
+        dst = [d % n for d in ([destination] if isinstance(destination, int) else destination)]
+        rest = iter(d for d in range(n) if d not in src)
+        moved = dict(zip(dst, src))
+        return self.permute([moved[i] if i in moved else next(rest) for i in range(n)])
 
     torch.Tensor.movedim = movedim
     try:
@@ -383,7 +386,7 @@ class VaeDecoderWrapper(nn.Module):
         """(B, C, h, w) scaled latent -> (B, 3, h * f, w * f) image in [-1, 1], f = vae_scale_factor."""
         z = latent * self.latent_scale + self.latent_shift
         if self.kind == "dc":
-            with _nonnegative_movedim():
+            with _movedim_as_permute():
                 return self.vae.decoder(z).clamp(-1.0, 1.0)
         if self.vae.post_quant_conv is not None:
             z = self.vae.post_quant_conv(z)
