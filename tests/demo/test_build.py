@@ -153,3 +153,17 @@ def test_ship_refuses_over_the_size_limit(built, tmp_path, monkeypatch):
 def test_missing_stage_is_named(tmp_path):
     with pytest.raises(LitedgeError, match="stage 'data' is not done"):
         B.run_stage(B.BuildConfig(workdir=tmp_path, preset="tiny", progress=False), "vae")
+
+
+def test_eval_computes_only_the_selected_parts(built, tmp_path):
+    src, work = built / "work", tmp_path / "work"
+    for part in ("data", "bundles"):  # bundles/ holds the export stage's done.json
+        shutil.copytree(src / part, work / part)
+    cfg = B.BuildConfig(workdir=work, preset="tiny", progress=False, eval_prompts=5, eval_sizes=(64,),
+                        eval_bundles=("student-int4",), latency=False, grid=False)
+    figures = B.stage_eval(cfg, B.Paths(work))
+    assert figures["overall"]["student-int4"].keys() == {"64"} and figures["overall"]["teacher-fp32"] == {}
+    assert figures["checks"]["student_within_0.05_of_teacher"] is None  # its parts were not computed
+    assert sorted(p.name for p in (work / "eval").iterdir()) == ["student-int4-64.json"]
+    report = json.loads((work / "eval.json").read_text())
+    assert report["target_met"] is False and report["settings"]["prompts"]["student-int4"] == {"64": 5}

@@ -63,6 +63,10 @@ class BuildConfig:
     batch: int | None = None
     samples: int | None = None
     eval_prompts: int | None = None  # the first N held-out prompts (default: all of the preset's)
+    eval_sizes: tuple[int, ...] | None = None  # compute only these sizes' eval parts (default: the preset's)
+    eval_bundles: tuple[str, ...] | None = None  # ... and only these bundles' (default: all four)
+    latency: bool = True  # measure latency of the selected bundles
+    grid: bool = True  # draw the sample grid
     resume: bool = False
     force: bool = False
     ship_to: Path = MODEL_DIR
@@ -510,57 +514,89 @@ def _grid(path: Path, images: dict[str, list], captions: list[str]) -> None:
 EVAL_ORDER = ("student-int4", "teacher-fp32", "student-fp32", "teacher-int4")  # what an interrupted eval has first
 
 
-def stage_eval(cfg: BuildConfig, paths: Paths) -> dict:
-    """ShapesEval per (bundle, size), each part saved as it finishes (an interrupted eval resumes), + latency."""
+def _eval_part(cfg: BuildConfig, paths: Paths, name: str, size: int, captions: list[str]) -> dict | None:
+    """ShapesEval of one bundle at one size, cached in eval/NAME-SIZE.json; computed only when selected."""
     from litedge.demo.shapes_eval import ShapesEval
+
+    part = paths.stage("eval") / f"{name}-{size}.json"
+    selected = (cfg.eval_sizes is None or size in cfg.eval_sizes) and (cfg.eval_bundles is None or name in cfg.eval_bundles)
+    if part.is_file():
+        data = json.loads(part.read_text())
+        stale = not _newer(part, paths.bundle(name) / "manifest.json") or (selected and data["prompts"] != len(captions))
+        if not stale:
+            return data
+        part.unlink()
+    if not selected:
+        return None
+    start = time.perf_counter()
+    images = _generate(paths.bundle(name), captions, cfg.p, size, cfg.progress)
+    seconds = time.perf_counter() - start
+    data = {"shapes_eval": ShapesEval().evaluate(images, captions), "prompts": len(captions), "size": size,
+            "generate_seconds": round(seconds, 1), "seconds_per_image": round(seconds / len(captions), 2)}
+    _write_json(part, data)
+    return data
+
+
+def stage_eval(cfg: BuildConfig, paths: Paths) -> dict:
+    """ShapesEval per (bundle, size) and latency per bundle, each part saved as it finishes.
+
+    ``--eval-sizes`` / ``--eval-bundles`` compute only some parts (an eval split over several runs or
+    processes); the report covers every part present, and a check whose parts are missing is null.
+    """
     from litedge.profile.measure import profile_bundle
 
     _require(paths, "data", "export")
-    p, judge = cfg.p, ShapesEval()
+    p = cfg.p
     captions = [r["caption"] for r in _rows(paths.prompts)]
-    prompts = cfg.eval_prompts or len(captions)
-    captions = captions[:prompts]
+    captions = captions[: cfg.eval_prompts or len(captions)]
     shown = captions[: p.grid_prompts]
-    results, grid = {}, {}
+    results = {name: {} for name in EVAL_ORDER}
     for size in p.eval_sizes:
         for name in EVAL_ORDER:
-            part = paths.stage("eval") / f"{name}-{size}.json"
-            if part.is_file() and not _newer(part, paths.bundle(name) / "manifest.json"):
-                part.unlink()
-            if not part.is_file():
-                start = time.perf_counter()
-                images = _generate(paths.bundle(name), captions, p, size, cfg.progress)
-                seconds = time.perf_counter() - start
-                _write_json(part, {"shapes_eval": judge.evaluate(images, captions), "prompts": len(captions),
-                                   "size": size, "generate_seconds": round(seconds, 1)})
-                if size == p.image_size:
-                    grid[name] = images[: len(shown)]
-            results.setdefault(name, {})[str(size)] = json.loads(part.read_text())
+            part = _eval_part(cfg, paths, name, size, captions)
+            if part is not None:
+                results[name][str(size)] = part
     for name in EVAL_ORDER:
         part = paths.stage("eval") / f"{name}-latency.json"
-        if not part.is_file() or _newer(paths.bundle(name) / "manifest.json", part):
+        wanted = cfg.latency and (cfg.eval_bundles is None or name in cfg.eval_bundles)
+        if wanted and (not part.is_file() or _newer(paths.bundle(name) / "manifest.json", part)):
             latency = profile_bundle(paths.bundle(name), [(s, s) for s in p.latency_sizes], repeat=p.latency_repeat)
             _write_json(part, latency.to_json())
-        results[name]["latency"] = json.loads(part.read_text())
-    if len(grid) < len(EVAL_ORDER):
-        grid = {n: _generate(paths.bundle(n), shown, p, p.image_size, cfg.progress) for n in EVAL_ORDER}
-    _grid(paths.grid, {n: grid[n] for n in EVAL_ORDER}, shown)
+        if part.is_file():
+            results[name]["latency"] = json.loads(part.read_text())
+    if cfg.grid:
+        _grid(paths.grid, {n: _generate(paths.bundle(n), shown, p, p.image_size, cfg.progress) for n in EVAL_ORDER},
+              shown)
     native = str(p.image_size)
     overall = {n: {size: r["shapes_eval"]["overall"] for size, r in results[n].items() if size != "latency"}
                for n in EVAL_ORDER}
-    cats = results["student-int4"][native]["shapes_eval"]["per_category"]
+
+    def score(name: str, size: str = native) -> float | None:
+        return overall[name].get(size)
+
+    def check(condition, *values):
+        return None if any(v is None for v in values) else bool(condition(*values))
+
+    cats = results["student-int4"].get(native, {}).get("shapes_eval", {}).get("per_category", {})
     checks = {
-        f"student_int4_at_least_0.80_at_{native}": overall["student-int4"][native] >= 0.80,
-        "student_int4_at_least_0.70_at_2048": overall["student-int4"].get("2048", 0.0) >= 0.70,
-        f"colours_and_position_at_least_0.6_at_{native}": min(cats["colours"], cats["position"]) >= 0.6,
-        "student_within_0.05_of_teacher": abs(overall["student-fp32"][native] - overall["teacher-fp32"][native]) <= 0.05,
-        "int4_within_0.03_of_fp32": all(abs(overall[f"{m}-int4"][native] - overall[f"{m}-fp32"][native]) <= 0.03
-                                        for m in ("teacher", "student")),
+        f"student_int4_at_least_0.80_at_{native}": check(lambda a: a >= 0.80, score("student-int4")),
+        "student_int4_at_least_0.70_at_2048": check(lambda a: a >= 0.70, score("student-int4", "2048")),
+        f"colours_and_position_at_least_0.6_at_{native}": check(lambda a, b: min(a, b) >= 0.6, cats.get("colours"),
+                                                                cats.get("position")),
+        "student_within_0.05_of_teacher": check(lambda a, b: abs(a - b) <= 0.05, score("student-fp32"),
+                                                score("teacher-fp32")),
+        "student_int4_within_0.03_of_fp32": check(lambda a, b: abs(a - b) <= 0.03, score("student-int4"),
+                                                  score("student-fp32")),
+        "teacher_int4_within_0.03_of_fp32": check(lambda a, b: abs(a - b) <= 0.03, score("teacher-int4"),
+                                                  score("teacher-fp32")),
     }
-    report = {"settings": {"prompts": len(captions), "steps": p.eval_steps, "guidance_scale": p.guidance,
-                           "sizes": list(p.eval_sizes), "native_size": p.image_size, "seeds": "prompt index",
+    report = {"settings": {"prompts": {n: {s: r["prompts"] for s, r in v.items() if s != "latency"}
+                                       for n, v in results.items()},
+                           "steps": p.eval_steps, "guidance_scale": p.guidance, "sizes": list(p.eval_sizes),
+                           "native_size": p.image_size, "seeds": "prompt index",
                            "runtime": "litedge.runtime (onnxruntime CPU)"},
-              "overall": overall, "checks": checks, "target_met": all(checks.values()), "models": results}
+              "overall": overall, "checks": checks, "target_met": all(v is True for v in checks.values()),
+              "models": results}
     _write_json(paths.eval_json, report)
     return {"overall": overall, "checks": checks, "eval_json": str(paths.eval_json), "grid": str(paths.grid)}
 
@@ -661,6 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="batch size of the training stages (default: preset)")
     p.add_argument("--samples", type=int, help="training images (default: preset, 25000)")
     p.add_argument("--eval-prompts", type=int, help="evaluate on the first N held-out prompts (default: all, 250)")
+    p.add_argument("--eval-sizes", help="eval: compute only these sizes, e.g. 1024,256 (default: the preset's)")
+    p.add_argument("--eval-bundles", help=f"eval: compute only these bundles, e.g. student-int4 (of {', '.join(BUNDLES)})")
+    p.add_argument("--no-latency", action="store_true", help="eval: skip the latency measurement")
+    p.add_argument("--no-grid", action="store_true", help="eval: skip the sample grid")
     p.add_argument("--resume", action="store_true", help="continue a training stage from its newest checkpoint")
     p.add_argument("--force", action="store_true", help="delete the stage's outputs and run it again")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and 3 steps (tests)")
@@ -672,6 +712,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--eval-sizes {text}: expected comma-separated pixel sizes, e.g. 1024,256") from None
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(text.split(","))
+    unknown = [n for n in names if n not in BUNDLES]
+    if unknown:
+        raise SystemExit(f"--eval-bundles {text}: unknown {', '.join(unknown)}; expected some of {', '.join(BUNDLES)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("steps", "batch", "samples", "threads", "eval_prompts"):
@@ -679,7 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             raise SystemExit(f"--{name} {value}: expected >= 1")
     cfg = BuildConfig(workdir=args.workdir, preset="tiny" if args.tiny else "full", device=args.device,
-                      steps=args.steps, batch=args.batch, samples=args.samples, eval_prompts=args.eval_prompts, resume=args.resume, force=args.force,
+                      steps=args.steps, batch=args.batch, samples=args.samples, eval_prompts=args.eval_prompts,
+                      eval_sizes=_ints(args.eval_sizes), eval_bundles=_names(args.eval_bundles),
+                      latency=not args.no_latency, grid=not args.no_grid, resume=args.resume, force=args.force,
                       ship_to=args.ship_to, seed=args.seed, threads=args.threads,
                       progress=not args.no_progress)
     return run_command("litedge.demo.build", lambda: (build(cfg, args.stage), 0)[1])
