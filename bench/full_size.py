@@ -187,8 +187,15 @@ def component_sizes(bundle: Path) -> dict[str, int]:
     sizes = {}
     for name, comp in manifest["components"].items():
         files = [comp["file"], *(e["file"] if isinstance(e, dict) else e for e in comp.get("extra_files", []))]
-        sizes[name] = sum((bundle / f).stat().st_size for f in files if (bundle / f).is_file())
+        sizes[name] = sum(_bytes(bundle / f) for f in files)
     return sizes
+
+
+def _bytes(path: Path) -> int:
+    """A file's size, or every file's under a directory (an ``.mlpackage``); 0 if missing."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else 0
 
 
 def main() -> None:
