@@ -57,3 +57,4 @@ def test_fuses_without_loading_the_weights(exported):
     assert np.abs(fused - plain).max() / np.abs(plain).max() < 1e-4
     # plain vs PyTorch was checked by the export; fused vs plain bounds fused vs PyTorch
     assert result.fidelity["rel_err"] < 1e-5
+
