@@ -167,3 +167,27 @@ def test_eval_computes_only_the_selected_parts(built, tmp_path):
     assert sorted(p.name for p in (work / "eval").iterdir()) == ["student-int4-64.json"]
     report = json.loads((work / "eval.json").read_text())
     assert report["target_met"] is False and report["settings"]["prompts"]["student-int4"] == {"64": 5}
+
+
+def test_teacher_warm_starts_from_a_saved_transformer(built, tmp_path):
+    import torch
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import load_file
+
+    from litedge.demo import training as T
+
+    src, work = built / "work", tmp_path / "work"
+    for part in ("data", "vae", "text"):
+        shutil.copytree(src / part, work / part)
+    saved = PixArtTransformer2DModel.from_pretrained(src / "teacher" / "transformer")
+    with torch.no_grad():  # weights far from the preset's seeded init
+        for param in saved.parameters():
+            param.add_(0.5)
+    saved.save_pretrained(tmp_path / "saved")
+    B.run_stage(B.BuildConfig(workdir=work, preset="tiny", progress=False, steps=1, init_teacher=tmp_path / "saved"),
+                "teacher")
+    start = load_file(next((tmp_path / "saved").glob("*.safetensors")))
+    after = load_file(next((work / "teacher" / "transformer").glob("*.safetensors")))
+    assert max(float((after[k] - start[k]).abs().max()) for k in start) < 0.05  # one small step from them
+    with pytest.raises(LitedgeError, match="--init-teacher"):
+        B._warm_start(T.make_teacher(T.PRESETS["tiny"]), tmp_path)

@@ -67,6 +67,7 @@ class BuildConfig:
     eval_bundles: tuple[str, ...] | None = None  # ... and only these bundles' (default: all four)
     latency: bool = True  # measure latency of the selected bundles
     grid: bool = True  # draw the sample grid
+    init_teacher: Path | None = None  # a transformer folder a new teacher run starts from (warm restart)
     resume: bool = False
     force: bool = False
     ship_to: Path = MODEL_DIR
@@ -346,6 +347,21 @@ def _caption_features(cfg: BuildConfig, paths: Paths, captions: list[str]):
     return table, mask, np.array([where[c] for c in captions])
 
 
+def _warm_start(transformer, source: Path) -> None:
+    """Load a saved transformer's weights (a diffusers folder, e.g. a shipped or committed teacher) into
+    ``transformer``: a new run continues from them with a fresh optimizer (a warm restart)."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    try:
+        saved = PixArtTransformer2DModel.from_pretrained(source, torch_dtype=torch.float32)
+        transformer.load_state_dict(saved.state_dict())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise LitedgeError(f"--init-teacher {source}: not a transformer of this preset's shape ({str(e)[:160]}); "
+                           "pass the transformer/ folder of a teacher built with the same preset") from None
+    print(f"teacher: warm start from {source}", file=sys.stderr)
+
+
 def stage_teacher(cfg: BuildConfig, paths: Paths) -> dict:
     import torch
     from diffusers import AutoencoderDC
@@ -375,6 +391,8 @@ def stage_teacher(cfg: BuildConfig, paths: Paths) -> dict:
         return T.teacher_loss(model["transformer"], data, table[:1], T.step_generator(cfg.seed, step), p, size)
 
     model = nn.ModuleDict({"transformer": T.make_teacher(p, cfg.seed)})
+    if cfg.init_teacher is not None and T.latest_checkpoint(paths.run("teacher")) is None:
+        _warm_start(model["transformer"], Path(cfg.init_teacher))
     loop = T.LoopConfig(steps, p.teacher_lr, p.warmup, p.ema, p.save_every, cfg.resume, cfg.device,
                         "teacher", cfg.seed, cfg.progress, p.final_lr)
     ema, figures = T.train_resumable(paths.run("teacher"), model, loss, loop)
@@ -701,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-bundles", help=f"eval: compute only these bundles, e.g. student-int4 (of {', '.join(BUNDLES)})")
     p.add_argument("--no-latency", action="store_true", help="eval: skip the latency measurement")
     p.add_argument("--no-grid", action="store_true", help="eval: skip the sample grid")
+    p.add_argument("--init-teacher", type=Path,
+                   help="teacher: start a new run from this transformer folder's weights (e.g. a committed teacher)")
     p.add_argument("--resume", action="store_true", help="continue a training stage from its newest checkpoint")
     p.add_argument("--force", action="store_true", help="delete the stage's outputs and run it again")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and 3 steps (tests)")
@@ -740,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BuildConfig(workdir=args.workdir, preset="tiny" if args.tiny else "full", device=args.device,
                       steps=args.steps, batch=args.batch, samples=args.samples, eval_prompts=args.eval_prompts,
                       eval_sizes=_ints(args.eval_sizes), eval_bundles=_names(args.eval_bundles),
-                      latency=not args.no_latency, grid=not args.no_grid, resume=args.resume, force=args.force,
+                      latency=not args.no_latency, grid=not args.no_grid,
+                      init_teacher=args.init_teacher, resume=args.resume, force=args.force,
                       ship_to=args.ship_to, seed=args.seed, threads=args.threads,
                       progress=not args.no_progress)
     return run_command("litedge.demo.build", lambda: (build(cfg, args.stage), 0)[1])
