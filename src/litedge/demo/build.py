@@ -667,6 +667,8 @@ def is_done(cfg: BuildConfig, paths: Paths, stage: str) -> bool:
     done = paths.done(stage)
     if not done.is_file():
         return False
+    if stage == "eval" and (cfg.eval_sizes is not None or cfg.eval_bundles is not None):
+        return False  # a selected part is computed (or found in its cache): the report is rebuilt
     if stage in TRAINING and cfg.resume and json.loads(done.read_text()).get("steps", 0) < cfg.steps_of(stage):
         return False  # --resume to more steps: continue the run
     return True
@@ -736,7 +738,7 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(v) for v in text.split(","))
+        return tuple(int(v) for v in text.split(",") if v.strip())  # "": no size (e.g. latency only)
     except ValueError:
         raise SystemExit(f"--eval-sizes {text}: expected comma-separated pixel sizes, e.g. 1024,256") from None
 
