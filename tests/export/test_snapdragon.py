@@ -359,6 +359,9 @@ def test_large_graph_compiles_as_one_context_per_block_range_and_equals_the_whol
     env = dict(feed)
     parts = qnn_ep.split_graph(qdq, 1)
     assert [p.blocks for p in parts] == [(0, 0), (1, 1)]
+    for k, part in enumerate(parts):  # each part computes its own block (not everything pushed to the last)
+        names = [n.name for n in onnx.load(str(part.path), load_external_data=False).graph.node]
+        assert sum(f"transformer_blocks.{k}/" in n for n in names) > 50, k
     for part in parts:
         session = cpu_session(part.path)
         names = [o.name for o in session.get_outputs()]

@@ -340,11 +340,12 @@ def block_count(model: onnx.ModelProto) -> int:
 def split_graph(qdq: Path, blocks_per_part: int) -> list[GraphPart]:
     """Cut a QDQ transformer graph into parts of ``blocks_per_part`` transformer blocks each.
 
-    Nodes named ``transformer_blocks.N`` go to the part of block N; the embeddings before the
-    first block go to the first part, the output head follows its inputs to the last. Another
-    node (Q/DQ pairs, reshapes the optimizer added) goes to the latest part among its inputs'
-    producers, and a named one moves later when an input is produced later, so every part
-    only reads the graph's inputs and earlier parts' outputs. Constant nodes and what is
+    Walking the graph backwards, a node named ``transformer_blocks.N`` goes to the part of block
+    N, or earlier when one of its consumers is earlier (onnxruntime's common-subexpression
+    elimination leaves one copy of what the blocks share, named after any of them); another
+    node (embeddings, Q/DQ pairs, reshapes the optimizer added) goes to its first consumer's
+    part, the output head to the last. So every part only reads the graph's inputs and earlier
+    parts' outputs. Constant nodes and what is
     computed from initializers alone (weight DequantizeLinear, shape constants QNN needs
     static) are copied into each part that reads them. Each part is written beside ``qdq`` as
     ``{stem}.part{k}.onnx`` with the boundary tensors' types and static shapes from ONNX shape
@@ -365,21 +366,32 @@ def split_graph(qdq: Path, blocks_per_part: int) -> list[GraphPart]:
     initializers = {t.name: t for t in graph.initializer}
     constant: set[str] = set(initializers)  # tensors known without running the graph
     const_nodes: dict[str, onnx.NodeProto] = {}  # output name -> node, for nodes computed from constants
-    producer: dict[str, int] = {}  # tensor -> part of the node producing it
-    part_of: list[int | None] = []
     for node in graph.node:
         if all(t in constant for t in node.input if t):
             constant.update(node.output)
             for t in node.output:
                 const_nodes[t] = node
-            part_of.append(None)
+    # Backwards (consumers before producers): a node goes to the part of its block name, or earlier
+    # when a consumer is in an earlier part (onnxruntime's common-subexpression elimination leaves
+    # one copy of a computation the blocks share, named after any of them); an unnamed node goes
+    # to its first consumer's part; the graph outputs' producers to the last part.
+    graph_outputs = {o.name for o in graph.output}
+    first_use: dict[str, int] = {}  # tensor -> earliest part reading it
+    part_of: list[int | None] = [None] * len(graph.node)
+    for i in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[i]
+        if node.output and all(t in const_nodes for t in node.output):
             continue
         m = _BLOCK.search(node.name)
-        want = min(int(m.group(1)) // per, n_parts - 1) if m else 0
-        part = max([want, *(producer[t] for t in node.input if t in producer)])
-        part_of.append(part)
-        for t in node.output:
-            producer[t] = part
+        uses = [first_use[t] for t in node.output if t in first_use]
+        if any(t in graph_outputs for t in node.output):
+            uses.append(n_parts - 1)
+        named = [min(int(m.group(1)) // per, n_parts - 1)] if m else []
+        part = min(named + uses) if named or uses else n_parts - 1  # a dead node: anywhere valid
+        part_of[i] = part
+        for t in node.input:
+            if t and t not in constant:
+                first_use[t] = min(first_use.get(t, part), part)
     typed = _value_types(model)
     made_by = {t: n for n in graph.node for t in n.output}
     consumers: dict[str, set[int]] = {}
