@@ -40,7 +40,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from litedge.demo.shapes import COLOURS, NUMBERS, RELATIONS, SHAPES
