@@ -433,6 +433,7 @@ def _student_data(cfg: BuildConfig, paths: Paths, size: int, scenes: int) -> Pat
 
 def stage_student(cfg: BuildConfig, paths: Paths) -> dict:
     """lit-distill in phases (Preset.student_phases): most steps at the base size, then a resumed run at 1024 px."""
+    from litedge.demo import training as T
     from litedge.distill import DistillConfig, distill
     from litedge.distill.checkpoint import find_latest
     from litedge.models.loading import load_model
@@ -441,11 +442,10 @@ def stage_student(cfg: BuildConfig, paths: Paths) -> dict:
     p, run = cfg.p, paths.run("student")
     run.mkdir(parents=True, exist_ok=True)
     steps, cuda = cfg.steps_of("student"), cfg.device.startswith("cuda")
-    total, end, phases, result = sum(share for _, share, _, _ in p.student_phases), 0.0, [], None
+    phases, result = [], None
     start = time.perf_counter()
-    for i, (size, share, batch, scenes) in enumerate(p.student_phases):
-        end += share / total * steps
-        phase_end = steps if i == len(p.student_phases) - 1 else round(end)
+    ends = T.phase_ends(p.student_phases, steps)
+    for i, ((size, _, batch, scenes), phase_end) in enumerate(zip(p.student_phases, ends)):
         batch = cfg.batch_of("student") if size == p.data_size else batch
         latest = find_latest(run)
         done = int(json.loads((latest / "state.json").read_text())["step"]) if latest is not None else 0

@@ -144,13 +144,19 @@ PRESETS = {
 }
 
 
+def phase_ends(phases: tuple[tuple[int, float, int, int], ...], steps: int) -> list[int]:
+    """The step each phase ends at (exclusive) when ``steps`` are split by the phases' shares; the last is ``steps``."""
+    total, end, ends = sum(share for _, share, _, _ in phases), 0.0, []
+    for _, share, _, _ in phases:
+        end += share / total * steps
+        ends.append(round(end))
+    return ends[:-1] + [steps]
+
+
 def phase_of(p: Preset, steps: int, step: int) -> tuple[int, int, int]:
     """(size, batch, scenes) of 0-based teacher ``step`` in a run of ``steps``: phases split it by their shares."""
-    total = sum(share for _, share, _, _ in p.teacher_phases)
-    end = 0.0
-    for size, share, batch, scenes in p.teacher_phases:
-        end += share / total * steps
-        if step < round(end):
+    for (size, _, batch, scenes), end in zip(p.teacher_phases, phase_ends(p.teacher_phases, steps)):
+        if step < end:
             return size, batch, scenes
     size, _, batch, scenes = p.teacher_phases[-1]
     return size, batch, scenes
