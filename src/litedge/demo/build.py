@@ -192,19 +192,13 @@ def stage_data(cfg: BuildConfig, paths: Paths) -> dict:
             "eval_per_category": {c: sum(s.category == c for s in scenes) for c in CATEGORIES}}
 
 
-def _probe_scenes(n: int, seed: int):
-    from litedge.demo.shapes import tuning_prompts
-
-    return tuning_prompts(n, seed)  # training captions in layouts no training item has
-
-
 def stage_vae(cfg: BuildConfig, paths: Paths) -> dict:
     import torch
     from torch import nn
 
     from litedge.demo import autoencoder as A
     from litedge.demo import training as T
-    from litedge.demo.shapes import render
+    from litedge.demo.shapes import render, tuning_prompts
     from litedge.demo.shapes_eval import ShapesEval
 
     _require(paths, "data")
@@ -218,7 +212,7 @@ def stage_vae(cfg: BuildConfig, paths: Paths) -> dict:
                         cfg.seed, cfg.progress, p.final_lr)
     ema, figures = T.train_resumable(paths.run("vae"), nn.ModuleDict({"vae": T.make_vae(p, cfg.seed)}), loss, loop)
     ae = ema["vae"].float().cpu().eval()
-    probe = _probe_scenes(64 if p.name == "full" else 5, cfg.seed)
+    probe = tuning_prompts(64 if p.name == "full" else 5, cfg.seed)  # training captions, new layouts
     latents = np.concatenate([A.encode(ae, np.stack([np.asarray(render(s, p.base_size)) for s in probe])),
                               *(A.encode(ae, np.asarray(render(s, p.image_size))[None]) for s in probe[:16])], axis=None)
     scaling = float(1.0 / latents.std())
