@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from litedge.errors import LitedgeError
+from tests.cli import run_main
 
 LATENT_CHANNELS = 16
 SAMPLE_SIZE = 4  # latent pixels: the position grid's base, 128 px at f32
@@ -140,9 +141,7 @@ def test_generation_decodes_the_final_latents_as_diffusers_does(dc_pipeline, dc_
 def _generate(argv, capsys):
     from litedge.cli.generate import main
 
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(main, argv, capsys)
 
 
 def test_lit_generate_at_multiples_of_32_and_its_native_size(dc_bundle, tmp_path, capsys):

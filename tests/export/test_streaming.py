@@ -25,13 +25,14 @@ from litedge.export.weight_writer import WeightFormat, dequantize_blocks, quanti
 from litedge.models.configs import build_model, get_config
 from litedge.models.random_pipeline import build_random_pipeline, text_parts, write_text_encoder
 from litedge.models.weights import ModuleWeights
+from tests.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(argv, capsys):
-    code = export_main([str(a) for a in argv])
-    return code, capsys.readouterr().err
+    code, _, err = run_main(export_main, argv, capsys)
+    return code, err
 
 
 def _leftovers(folder: Path) -> list[str]:

@@ -8,12 +8,11 @@ import pytest
 from litedge.cli import generate as generate_cli
 from litedge.cli.generate import main
 from litedge.runtime import read_metadata
+from tests.cli import run_main
 
 
 def _run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(main, argv, capsys)
 
 
 def test_generates_a_png_with_metadata(pixart_bundle, tmp_path, capsys):
