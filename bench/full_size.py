@@ -50,14 +50,35 @@ class Run:
 
 
 def _rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and every process below it (lit-export compiles QNN parts in
+    child processes: the watchdog must see them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group (it was started in a session of its own)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
         pass
-    return 0
 
 
 def run(cmd: list[str], *, rss_limit: int, label_of=None, timeout: float = 3600) -> Run:
@@ -67,7 +88,8 @@ def run(cmd: list[str], *, rss_limit: int, label_of=None, timeout: float = 3600)
     stage gets its own time and peak RSS.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)  # its own process group: a kill reaches its children
     stages: dict[str, dict] = {}
     current = {"label": "setup", "since": start, "peak": 0}
     lines: list[str] = []
@@ -84,10 +106,10 @@ def run(cmd: list[str], *, rss_limit: int, label_of=None, timeout: float = 3600)
             current["peak"] = max(current["peak"], rss)
             if rss > rss_limit and not killed:
                 killed.append(f"killed by the bench's watchdog at {rss / 2**30:.1f} GiB (limit {rss_limit / 2**30:.1f})")
-                proc.kill()
+                _kill_group(proc)
             if time.perf_counter() - start > timeout and not killed:
                 killed.append(f"killed after {timeout:.0f} s")
-                proc.kill()
+                _kill_group(proc)
             time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -126,10 +148,10 @@ def build(name: str, work: Path, rss_limit: int) -> dict:
     return {"pipeline": str(out), "build_seconds": r.seconds, "build_peak_rss": r.peak_rss}
 
 
-def export(pipeline: Path, target: str, out: Path, rss_limit: int, extra: list[str]) -> Run:
+def export(pipeline: Path, target: str, out: Path, rss_limit: int, extra: list[str], timeout: float = 3600) -> Run:
     label = lambda line: (m.group(1) if (m := STAGE.match(line)) else None)  # noqa: E731
     cmd = [sys.executable, "-m", "litedge.cli.export", str(pipeline), "--target", target, "-o", str(out), "--force", *extra]
-    return run(cmd, rss_limit=rss_limit, label_of=label)
+    return run(cmd, rss_limit=rss_limit, label_of=label, timeout=timeout)
 
 
 def generate(bundle: Path, size: int, steps: int, rss_limit: int, low_memory: bool) -> tuple[Run, dict]:
@@ -208,6 +230,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rss-limit-gb", type=float, default=22.0)
+    ap.add_argument("--timeout-h", type=float, default=3.0,
+                    help="kill an export running longer than this (hours; the snapdragon LiT-T2I-XL export "
+                         "with its compile in parts takes over one hour on one core)")
     ap.add_argument("--low-memory", action="store_true", help="generate with one component session at a time")
     ap.add_argument("--reuse-bundles", action="store_true",
                     help="skip the export of a bundle that already exists in WORK/bundles (its manifest is there); "
@@ -237,7 +262,7 @@ def main() -> None:
                 ex = None
             else:
                 print(f"== {name} -> {target}: exporting", flush=True)
-                ex = export(pipeline, target, bundle, limit, extra)
+                ex = export(pipeline, target, bundle, limit, extra, timeout=a.timeout_h * 3600)
                 row = {"model": name, "target": target, **built, "bundle": str(bundle), "export_seconds": ex.seconds,
                        "export_peak_rss": ex.peak_rss, "export_ok": ex.returncode == 0, "stages": ex.stages}
             if ex is not None and ex.returncode != 0:

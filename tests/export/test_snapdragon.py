@@ -387,3 +387,23 @@ def test_split_refuses_a_graph_without_block_names(tmp_path):
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(LitedgeError, match="no transformer_blocks.N node names"):
         split_graph(path, 4)
+
+
+def test_a_context_the_simulator_cannot_load_is_one_line(tmp_path):
+    """An EPContext graph whose QNN binary is not a context (as when the compiled contexts cannot be
+    allocated) fails in one LitedgeError line naming the model, not an onnxruntime traceback."""
+    from onnx import TensorProto, helper
+
+    from litedge.errors import LitedgeError
+
+    (tmp_path / "t_qnn.bin").write_bytes(b"not a QNN context" * 64)
+    node = helper.make_node("EPContext", ["x"], ["y"], domain="com.microsoft", name="ctx", embed_mode=0,
+                            ep_cache_context="t_qnn.bin", main_context=1, source="QNN", partition_name="g")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "t.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
+              str(path))
+    with pytest.raises(LitedgeError, match=r"^t\.onnx: the QNN HTP simulator \(sm8650\) cannot load") as info:
+        simulator_session(path, SOCS["sm8650"])
+    assert "\n" not in str(info.value)

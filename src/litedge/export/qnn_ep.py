@@ -304,8 +304,19 @@ def context_binaries(path: Path) -> list[Path]:
 
 
 def simulator_session(path: Path, soc: Soc) -> ort.InferenceSession:
-    """A session on the HTP simulator (x86) for an EPContext or QDQ model, CPU fallback disabled."""
-    return ort.InferenceSession(str(path), _session_options(soc, {"session.disable_cpu_ep_fallback": "1"}))
+    """A session on the HTP simulator (x86) for an EPContext or QDQ model, CPU fallback disabled.
+
+    A context the simulator cannot load (e.g. ``QNN_COMMON_ERROR_MEM_ALLOC``: the compiled
+    contexts together exceed what the HTP can allocate) raises :class:`LitedgeError` in one line.
+    """
+    try:
+        return ort.InferenceSession(str(path), _session_options(soc, {"session.disable_cpu_ep_fallback": "1"}))
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.RuntimeException) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = re.sub(r"^.*?\d+ : [A-Z_]+ : ", "", reason)  # onnxruntime's "[ONNXRuntimeError] : 10 : INVALID_GRAPH : "
+        raise LitedgeError(f"{path.name}: the QNN HTP simulator ({soc.name}) cannot load the compiled model: "
+                           f"{reason}") from None
 
 
 # ----------------------------------------------------------------------------- compile in parts
