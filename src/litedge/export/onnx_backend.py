@@ -18,6 +18,7 @@ from litedge.bundle import BundleWriter
 from litedge.export.backend import Backend, stage
 from litedge.export.onnx_export import ExportResult
 from litedge.export.onnx_io import file_bytes
+from litedge.export.graph_fusions import fuse_gelu_tanh
 from litedge.export.rewrites import dynamic_pos_embed
 from litedge.export.specs import SampleSize, VaeDecoderWrapper, text_encoder_wrapper, transformer_wrapper
 from litedge.export.streaming import export_streamed
@@ -56,7 +57,7 @@ class OnnxBackend(Backend):
         result = export_streamed(
             "transformer", wrapper, weights or ModuleWeights(model), writer.path / "transformer.onnx",
             trace=SampleSize(2, side, side, 8), check_sizes=[SampleSize(1, side, side, 8), SampleSize(2, side, wide, 5)],
-            opset=self.target.opset, fmt=fmt, rewrite=lambda: dynamic_pos_embed(model),
+            opset=self.target.opset, fmt=fmt, rewrite=lambda: dynamic_pos_embed(model), graph_rewrite=fuse_gelu_tanh,
         )
         self._record("transformer", result, fmt)
         self._add(writer, "transformer", result, {"weights": self.options.weights, **result.metadata})

@@ -75,6 +75,7 @@ def export_streamed(
     key_of: KeyOf | None = None,
     rewrite: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     external_data: bool | None = None,
+    graph_rewrite: Callable[[onnx.ModelProto], object] | None = None,
 ) -> ExportResult:
     """Export ``wrapper`` (a :mod:`litedge.export.specs` wrapper, real or skeleton weights) reading ``source``.
 
@@ -85,6 +86,8 @@ def export_streamed(
         check_sizes: input sizes of the parity checks.
         fmt: fp32, or int4/int8 ``MatMulNBits`` weights (and int4 embedding tables).
         external_data: force (True) or forbid (False) a ``.onnx.data`` file; None: past ~2 GB.
+        graph_rewrite: changes the traced graph in place before its weights are written (e.g.
+            :func:`litedge.export.graph_fusions.fuse_gelu_tanh`); the parity checks run on the result.
 
     Returns:
         An :class:`ExportResult`; ``fidelity`` holds the exact check and, when quantized,
@@ -98,6 +101,8 @@ def export_streamed(
     key_of = key_of or child_prefix(wrapper)
     spec: ComponentSpec = wrapper.spec()
     graph_model = _trace(wrapper, spec, trace, opset, dynamic, rewrite, path)
+    if graph_rewrite is not None:
+        graph_rewrite(graph_model)
     thunks, shapes, derived = _weight_inputs(wrapper, graph_model.graph, spec, source, key_of, component)
     plan = plan_weights(graph_model.graph, thunks, fmt)
     weight_bytes = sum(4 * int(np.prod(s)) for s in shapes.values())
