@@ -1,7 +1,5 @@
 """fuse_gelu_tanh: the exporter's tanh-GELU chain (and its bias Add) becomes one FastGelu, same outputs."""
 
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -72,9 +70,9 @@ def test_cpu_transformer_export_uses_fastgelu(name, tmp_path, capsys):
 
     out = tmp_path / "b.litedge"
     assert main(["--config", name, "--random-weights", "-o", str(out)]) == 0, capsys.readouterr().err
-    comp = verify_bundle(out).components["transformer"]
+    manifest = verify_bundle(out)
+    comp = manifest.components["transformer"]
     graph = onnx.load(str(out / comp.file), load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("FastGelu") >= 2 and "Tanh" not in ops
-    parity = json.loads((out / "manifest.json").read_text())["fidelity"]["transformer"]
-    assert parity["rel_err"] < 1e-5  # vs PyTorch with the same (dequantized) weights
+    assert manifest.fidelity["transformer"]["rel_err"] < 1e-5  # vs PyTorch with the same (dequantized) weights

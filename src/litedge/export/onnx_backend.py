@@ -16,9 +16,9 @@ from torch import nn
 
 from litedge.bundle import BundleWriter
 from litedge.export.backend import Backend, stage
+from litedge.export.graph_fusions import fuse_gelu_tanh
 from litedge.export.onnx_export import ExportResult
 from litedge.export.onnx_io import file_bytes
-from litedge.export.graph_fusions import fuse_gelu_tanh
 from litedge.export.rewrites import dynamic_pos_embed
 from litedge.export.specs import SampleSize, VaeDecoderWrapper, text_encoder_wrapper, transformer_wrapper
 from litedge.export.streaming import export_streamed
