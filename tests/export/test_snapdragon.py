@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from litedge.bundle import verify_bundle
+from litedge.errors import LitedgeError
 from litedge.cli.export import main
 from litedge.models.configs import build_model
 from litedge.models.student import save_transformer
@@ -374,10 +375,68 @@ def test_large_graph_compiles_as_one_context_per_block_range_and_equals_the_whol
     assert float(np.abs(joined_htp - whole_cpu).max()) < 0.1 * float(np.abs(whole_cpu).max())
 
 
+
+def test_contexts_that_do_not_load_together_are_each_loaded_alone(student, tmp_path, capsys, monkeypatch):
+    """Where the joined multi-context model does not load on the simulator (LiT-T2I-XL at 1024 px:
+    QNN_COMMON_ERROR_MEM_ALLOC with 4 contexts; the tiny model cannot reach that limit, so the
+    joined load is refused here), the check loads each context alone, on the real simulator, and
+    the bundle is written with both facts in its manifest and the export's report."""
+    from litedge.export import onnx_io, qnn_backend, qnn_ep
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 64 * 1024)
+    monkeypatch.setattr(qnn_backend, "BLOCKS_PER_PART", 1)
+    monkeypatch.setattr(qnn_backend, "SIMULATOR_BUDGET_S", 0.0)
+    loads = []
+
+    def simulator_session(path, soc):
+        contexts = len(onnx.load(str(path), load_external_data=False).graph.node)
+        loads.append(contexts)
+        if contexts > 1:
+            raise LitedgeError(f"{path.name}: the QNN HTP simulator ({soc.name}) cannot load the compiled model: "
+                               "contextCreateFromBinary failed. Error: QNN_COMMON_ERROR_MEM_ALLOC")
+        return qnn_ep.simulator_session(path, soc)
+
+    monkeypatch.setattr(qnn_backend, "simulator_session", simulator_session)
+    model, path = student
+    out = tmp_path / "m.litedge"
+    code, _, err = _export([path, "--target", "snapdragon", "--weights", "int8", "--sizes", "64", "-o", out], capsys)
+    assert code == 0, err
+    assert loads == [2]  # the joined model once; the two single contexts through qnn_ep's own session
+    assert "the 2 QNN contexts do not load on the HTP simulator together" in err
+    assert "each of its 2 QNN contexts loads alone on the HTP simulator, not all together, not run there" in err
+    bucket = verify_bundle(out).components["transformer"].meta["fidelity"]["buckets"]["64x64"]
+    simulated = bucket["simulator"]
+    assert simulated["together"].endswith("QNN_COMMON_ERROR_MEM_ALLOC") and simulated["ran"] is False
+    assert [c["context"] for c in simulated["contexts"]] == ["transformer_64x64.part00_qnn.bin",
+                                                             "transformer_64x64.part01_qnn.bin"]
+    assert all(c["loaded_s"] >= 0 for c in simulated["contexts"])
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("transformer", "."))) == [
+        "transformer_64x64.onnx", "transformer_64x64.part00_qnn.bin", "transformer_64x64.part01_qnn.bin"]
+
+
+def test_each_context_of_a_joined_model_loads_alone_and_a_broken_one_is_named(student, tmp_path, capsys,
+                                                                             monkeypatch):
+    """load_each_context on a real joined 2-context bundle: both load; with one binary truncated,
+    one line names the model the simulator cannot load, and no one-node graph is left behind."""
+    from litedge.export import onnx_io, qnn_backend, qnn_ep
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 64 * 1024)
+    monkeypatch.setattr(qnn_backend, "BLOCKS_PER_PART", 1)
+    model, path = student
+    out = tmp_path / "m.litedge"
+    code, _, err = _export([path, "--target", "snapdragon", "--weights", "int8", "--sizes", "64", "-o", out], capsys)
+    assert code == 0, err
+    joined = out / "transformer_64x64.onnx"
+    assert len(qnn_ep.load_each_context(joined, SOCS["sm8650"])) == 2
+    binary = out / "transformer_64x64.part01_qnn.bin"
+    binary.write_bytes(binary.read_bytes()[:4096])
+    with pytest.raises(LitedgeError, match=r"^\.transformer_64x64\.context01\.onnx: the QNN HTP simulator"):
+        qnn_ep.load_each_context(joined, SOCS["sm8650"])
+    assert not list(out.glob(".*context*"))
+
 def test_split_refuses_a_graph_without_block_names(tmp_path):
     from onnx import TensorProto, helper
 
-    from litedge.errors import LitedgeError
     from litedge.export.qnn_ep import split_graph
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/model/act/Relu")], "g",
@@ -394,7 +453,6 @@ def test_a_context_the_simulator_cannot_load_is_one_line(tmp_path):
     allocated) fails in one LitedgeError line naming the model, not an onnxruntime traceback."""
     from onnx import TensorProto, helper
 
-    from litedge.errors import LitedgeError
 
     (tmp_path / "t_qnn.bin").write_bytes(b"not a QNN context" * 64)
     node = helper.make_node("EPContext", ["x"], ["y"], domain="com.microsoft", name="ctx", embed_mode=0,

@@ -80,6 +80,7 @@ from litedge.export.qnn_ep import (
     fold_constants,
     get_soc,
     is_large,
+    load_each_context,
     qnn_devices,
     qnn_version,
     remove_model,
@@ -232,20 +233,16 @@ class QnnBackend(OnnxBackend):
                 fidelity[tag] = _fidelity(_simulator_outputs(ctx[0], self.soc, bucket.check), bucket.reference)
                 fidelity[tag].update(on="qnn-htp-simulator-x86", simulator_s=round(time.perf_counter() - start, 1))
             else:  # hours on the simulator: it loads the context (every node on HTP), CPU QDQ gives the figures
-                session = simulator_session(ctx[0], self.soc)
-                del session
-                gc.collect()
-                fidelity[tag] = {**cpu_fidelity[tag], "on": "qdq-cpu-ep",
-                                 "simulator": {"loaded_s": round(time.perf_counter() - start, 1), "ran": False,
-                                               "estimated_run_s": round(estimate),
-                                               "why": f"estimated {estimate / 3600:.1f} h on the x86 HTP simulator "
-                                                      f"(budget {SIMULATOR_BUDGET_S:.0f} s)"}}
+                fidelity[tag] = {**cpu_fidelity[tag], "on": "qdq-cpu-ep", "simulator": self._load_check(ctx[0], tag)}
+                fidelity[tag]["simulator"].update(
+                    ran=False, estimated_run_s=round(estimate),
+                    why=f"estimated {estimate / 3600:.1f} h on the x86 HTP simulator (budget {SIMULATOR_BUDGET_S:.0f} s)")
             fidelity[tag].update(torch_s=bucket.torch_s, plan=bucket.plan.name)
             on_cpu = f" (QDQ on CPU {cpu_fidelity[tag]['rel_err']:.3g})" if tag in cpu_fidelity and simulate else ""
             where = (f"HTP simulator (x86) vs PyTorch fp32: rel_err {fidelity[tag]['rel_err']:.3g}{on_cpu} on "
                      f"{len(bucket.check)} held-out input(s) in {fidelity[tag]['simulator_s']} s" if simulate else
                      f"QDQ on CPU vs PyTorch fp32: rel_err {fidelity[tag]['rel_err']:.3g} on {len(bucket.check)} "
-                     f"held-out input(s) in {fidelity[tag]['cpu_s']} s; the EPContext loads on the HTP simulator, "
+                     f"held-out input(s) in {fidelity[tag]['cpu_s']} s; {fidelity[tag]['simulator']['loaded']}, "
                      f"not run there ({fidelity[tag]['simulator']['why']})")
             stage(f"transformer {tag}: {where}, compile {timings[tag]} s")
             files += ctx
@@ -280,6 +277,27 @@ class QnnBackend(OnnxBackend):
                   "one process each (bounded memory), joined in one EPContext graph")
             return compile_in_parts(qdq, out, self.soc, BLOCKS_PER_PART)
         return compile_context(qdq, out, self.soc)
+
+    def _load_check(self, model: Path, tag: str) -> dict:
+        """Load the compiled model on the HTP simulator without running it: whole, or where its
+        QNN contexts do not fit the simulator together, each context alone
+        (:func:`litedge.export.qnn_ep.load_each_context`). Returns the manifest's record."""
+        start = time.perf_counter()
+        try:
+            session = simulator_session(model, self.soc)
+            del session
+            gc.collect()
+            return {"loaded": "the EPContext loads on the HTP simulator", "loaded_s": round(time.perf_counter() - start, 1)}
+        except LitedgeError as exc:
+            contexts = len(onnx.load(str(model), load_external_data=False).graph.node)
+            if contexts < 2:
+                raise
+            together = str(exc).split(": ", 2)[-1]  # past "NAME.onnx: the QNN HTP simulator (SOC) cannot load ..."
+        stage(f"transformer {tag}: the {contexts} QNN contexts do not load on the HTP simulator together "
+              f"({together}); loading each alone")
+        each = load_each_context(model, self.soc)
+        return {"loaded": f"each of its {contexts} QNN contexts loads alone on the HTP simulator, not all together",
+                "loaded_s": round(time.perf_counter() - start, 1), "together": together, "contexts": each}
 
     def _text_length(self, kind: str) -> int:
         # BackendOptions may carry the user's --text-max-length; otherwise the base model's.

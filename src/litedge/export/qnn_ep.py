@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import gc
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,6 +320,40 @@ def simulator_session(path: Path, soc: Soc) -> ort.InferenceSession:
                            f"{reason}") from None
 
 
+
+def load_each_context(path: Path, soc: Soc) -> list[dict]:
+    """Load each QNN context of a joined EPContext model (:func:`stitch_contexts`) on the HTP
+    simulator in a session of its own, one at a time, each released before the next.
+
+    For a model whose contexts do not fit the simulator together: this still proves that every
+    context binary deserializes with every node on HTP. Each context gets a one-node EPContext
+    graph beside the binaries (removed afterwards). Returns one ``{"context", "loaded_s"}`` per
+    context; raises :class:`LitedgeError` naming the first that does not load.
+    """
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    typed = {vi.name: vi for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
+    loaded = []
+    for k, node in enumerate(model.graph.node):
+        one = path.parent / f".{path.stem}.context{k:02d}.onnx"
+        graph = helper.make_graph([node], f"context{k}", [typed[n] for n in node.input if n],
+                                  [typed[n] for n in node.output if n])
+        onnx.save(helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version), str(one))
+        try:
+            start = time.perf_counter()
+            _in_child(["load", str(one), soc.name])
+            loaded.append({"context": _context_file(node), "loaded_s": round(time.perf_counter() - start, 1)})
+        finally:
+            one.unlink(missing_ok=True)
+    return loaded
+
+
+def _context_file(node: onnx.NodeProto) -> str:
+    value = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "ep_cache_context"), b"")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 # ----------------------------------------------------------------------------- compile in parts
 
 _BLOCK = re.compile(r"transformer_blocks[./](\d+)[./]")
@@ -555,29 +590,41 @@ def compile_in_parts(qdq: Path, out: Path, soc: Soc, blocks_per_part: int,
 
 def _compile_in_child(qdq: Path, out: Path, soc: Soc, extra: dict[str, str] | None, what: str) -> None:
     import json
+
+    try:
+        _in_child(["compile", str(qdq), str(out), soc.name, json.dumps(extra or {})])
+    except LitedgeError as exc:
+        raise LitedgeError(f"{out.name} ({what}): QNN HTP compile for {soc.name} failed: {exc}") from None
+
+
+def _in_child(args: list[str]) -> None:
+    """Run ``python -m litedge.export.qnn_ep ARGS`` (:func:`_main`); LitedgeError with its last error line."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "litedge.export.qnn_ep", "compile", str(qdq), str(out), soc.name, json.dumps(extra or {})]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "litedge.export.qnn_ep", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line for line in (proc.stderr or "").strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
         if proc.returncode < 0:
             reason = f"killed by signal {-proc.returncode} (out of memory?)"
-        raise LitedgeError(f"{out.name} ({what}): QNN HTP compile for {soc.name} failed: {reason}")
+        raise LitedgeError(reason)
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m litedge.export.qnn_ep compile QDQ OUT SOC [EXTRA_JSON]``: one compile, for a child process."""
+    """For a child process: ``python -m litedge.export.qnn_ep compile QDQ OUT SOC [EXTRA_JSON]`` (one
+    compile) or ``... load MODEL SOC`` (load on the HTP simulator, not run)."""
     import json
     import sys
 
-    if len(argv) < 4 or argv[0] != "compile":
-        print("usage: python -m litedge.export.qnn_ep compile QDQ OUT SOC [EXTRA_JSON]", file=sys.stderr)
+    if not ((argv[:1] == ["compile"] and len(argv) >= 4) or (argv[:1] == ["load"] and len(argv) == 3)):
+        print("usage: python -m litedge.export.qnn_ep compile QDQ OUT SOC [EXTRA_JSON] | load MODEL SOC", file=sys.stderr)
         return 2
     try:
-        compile_context(Path(argv[1]), Path(argv[2]), get_soc(argv[3]), json.loads(argv[4]) if len(argv) > 4 else None)
+        if argv[0] == "load":
+            simulator_session(Path(argv[1]), get_soc(argv[2]))
+        else:
+            compile_context(Path(argv[1]), Path(argv[2]), get_soc(argv[3]), json.loads(argv[4]) if len(argv) > 4 else None)
     except LitedgeError as exc:
         print(exc, file=sys.stderr)
         return 2
