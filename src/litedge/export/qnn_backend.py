@@ -29,8 +29,10 @@ fidelity check of ONE held-out input (step 2 of a 2-step trajectory, t ~ 500).
 The fidelity check runs on the x86 HTP simulator when its estimated time
 (:data:`SIMULATOR_GMAC_PER_S`) is within :data:`SIMULATOR_BUDGET_S`. At full size it is not:
 the simulator ran 0.085 GMAC/s here (885 s for one call of a 1-layer XL-width graph at
-512 px), and LiT-T2I-XL at 1024 px is ~5000 GMAC per call: ~16 h per input. Then the check (a) loads the compiled EPContext on the simulator (the QNN
-binary deserializes, every node on HTP, CPU fallback disabled) without running it and (b)
+512 px), and LiT-T2I-XL at 1024 px is ~5000 GMAC per call: ~16 h per input. Then the check
+(a) loads the compiled EPContext on the simulator (the QNN binary deserializes, every node on
+HTP, CPU fallback disabled) without running it, or where its QNN contexts (one per block range,
+below) do not fit the simulator together, each context alone, and (b)
 runs the QDQ graph on onnxruntime's CPU EP on the held-out input against PyTorch fp32: that is
 the quantization error, not HTP's own arithmetic. Measured on LiT-T2I-XL at 1024 px (2 shared
 cores): export + parity 22 min (8.6 GB peak), PyTorch feeds 10 min, fold/LayerNorm/opset 11 s,
@@ -90,7 +92,6 @@ from litedge.export.qnn_ep import (
 from litedge.export.specs import transformer_wrapper
 from litedge.export.targets import TargetProfile
 
-VAE_FACTOR = 8  # image px per latent px
 BATCH = 2  # conditional + unconditional in one call
 CHECK_SEED = 1000  # held-out trajectories for the fidelity checks
 QDQ_OPSET = 21  # 16-bit and 4-bit QuantizeLinear / DequantizeLinear
