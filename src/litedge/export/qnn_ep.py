@@ -101,7 +101,7 @@ def qnn_version() -> str:
 
 def _session_options(soc: Soc, config: dict[str, str], extra: dict[str, str] | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: every failure here is raised as one LitedgeError line instead
     for key, value in config.items():
         options.add_session_config_entry(key, value)
     options.add_provider_for_devices(qnn_devices(), {**provider_options(soc), **(extra or {})})
@@ -149,7 +149,7 @@ def fold_constants(src: Path, dst: Path) -> list[Path]:
     data = onnx_io.data_path_for(dst)
     data.unlink(missing_ok=True)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: every failure here is raised as one LitedgeError line instead
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(dst)
     if external:  # a path relative to dst's folder; tensors under 1 KiB stay in the graph
@@ -293,9 +293,9 @@ def context_binaries(path: Path) -> list[Path]:
     for node in model.graph.node:
         if node.op_type != "EPContext":
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("embed_mode", 1) == 0:
-            rel = attrs["ep_cache_context"].decode() if isinstance(attrs["ep_cache_context"], bytes) else attrs["ep_cache_context"]
+        embed_mode = next((a.i for a in node.attribute if a.name == "embed_mode"), 1)
+        if embed_mode == 0:
+            rel = _context_file(node)
             target = (path.parent / rel).resolve()
             if path.parent.resolve() not in target.parents or not target.is_file():
                 raise LitedgeError(f"{path.name}: EPContext binary {rel!r} is missing or outside {path.parent}")
