@@ -149,7 +149,7 @@ def fold_constants(src: Path, dst: Path) -> list[Path]:
     data = onnx_io.data_path_for(dst)
     data.unlink(missing_ok=True)
     options = ort.SessionOptions()
-    options.log_severity_level = 4  # fatal only: every failure here is raised as one LitedgeError line instead
+    options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(dst)
     if external:  # a path relative to dst's folder; tensors under 1 KiB stay in the graph
@@ -320,17 +320,16 @@ def simulator_session(path: Path, soc: Soc) -> ort.InferenceSession:
                            f"{reason}") from None
 
 
-
 def load_each_context(path: Path, soc: Soc) -> list[dict]:
     """Load each QNN context of a joined EPContext model (:func:`stitch_contexts`) on the HTP
-    simulator in a session of its own, one at a time, each released before the next.
+    simulator, one at a time, each in a process of its own (so nothing a failed load of the
+    whole model left behind in this process counts against it).
 
     For a model whose contexts do not fit the simulator together: this still proves that every
     context binary deserializes with every node on HTP. Each context gets a one-node EPContext
     graph beside the binaries (removed afterwards). Returns one ``{"context", "loaded_s"}`` per
     context; raises :class:`LitedgeError` naming the first that does not load.
     """
-
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     typed = {vi.name: vi for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
