@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from litedge.bundle import verify_bundle
-from litedge.errors import LitedgeError
 from litedge.cli.export import main
+from litedge.errors import LitedgeError
 from litedge.models.configs import build_model
 from litedge.models.student import save_transformer
 from tests.models.test_linearize import randomize
@@ -375,7 +375,6 @@ def test_large_graph_compiles_as_one_context_per_block_range_and_equals_the_whol
     assert float(np.abs(joined_htp - whole_cpu).max()) < 0.1 * float(np.abs(whole_cpu).max())
 
 
-
 def test_contexts_that_do_not_load_together_are_each_loaded_alone(student, tmp_path, capsys, monkeypatch):
     """Where the joined multi-context model does not load on the simulator (LiT-T2I-XL at 1024 px:
     QNN_COMMON_ERROR_MEM_ALLOC with 4 contexts; the tiny model cannot reach that limit, so the
@@ -434,6 +433,7 @@ def test_each_context_of_a_joined_model_loads_alone_and_a_broken_one_is_named(st
         qnn_ep.load_each_context(joined, SOCS["sm8650"])
     assert not list(out.glob(".*context*"))
 
+
 def test_split_refuses_a_graph_without_block_names(tmp_path):
     from onnx import TensorProto, helper
 
@@ -452,7 +452,6 @@ def test_a_context_the_simulator_cannot_load_is_one_line(tmp_path):
     """An EPContext graph whose QNN binary is not a context (as when the compiled contexts cannot be
     allocated) fails in one LitedgeError line naming the model, not an onnxruntime traceback."""
     from onnx import TensorProto, helper
-
 
     (tmp_path / "t_qnn.bin").write_bytes(b"not a QNN context" * 64)
     node = helper.make_node("EPContext", ["x"], ["y"], domain="com.microsoft", name="ctx", embed_mode=0,
